@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any, Literal
 
@@ -11,7 +12,7 @@ from fsspec.core import url_to_fs
 
 from lensminer.exceptions import StoreNotFoundError
 
-__all__ = ["exists", "filesystem", "join_url", "open_group", "is_remote"]
+__all__ = ["exists", "filesystem", "is_remote", "join_url", "open_group", "read_json", "write_json"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,3 +59,18 @@ def open_group(
         raise StoreNotFoundError(
             f"no Zarr store at {url!r}; run the stage that writes it first, or check the URL"
         ) from error
+
+
+def write_json(url: str, value: Any, storage_options: dict[str, Any] | None = None) -> str:
+    """Write ``value`` as indented JSON to ``url`` and return the URL."""
+    fs, path = filesystem(url, storage_options)
+    with fs.open(path, "w") as handle:
+        json.dump(value, handle, indent=2, default=str)
+    return url
+
+
+def read_json(url: str, storage_options: dict[str, Any] | None = None) -> Any:
+    """Read a JSON document from ``url``."""
+    fs, path = filesystem(url, storage_options)
+    with fs.open(path, "r") as handle:
+        return json.load(handle)

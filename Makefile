@@ -1,0 +1,41 @@
+# LensMiner developer and user targets. Every target that needs Python depends on `install`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SHARED_DATA ?= ../shared/data
+# Keep Prefect's database and settings inside the checkout unless the caller chose a home.
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+
+.PHONY: install demo demo-images test lint bench clean
+
+install: $(STAMP)
+
+# torch is installed first with an exact pin: that release is a CPU wheel, and pyproject's range
+# then keeps pip from replacing it with a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: install  ## Whole chain offline on a simulated sky of 2,000 galaxies (5% lenses)
+	$(VENV)/bin/lensminer demo --run-dir runs/demo
+
+demo-images: install  ## Whole chain on the real Galaxy Zoo DECaLS cutouts, probe on the ring label
+	$(VENV)/bin/lensminer demo-images --images $(SHARED_DATA)/gz-decals/images \
+		--catalog $(SHARED_DATA)/gz-decals/catalog.csv --label ring --run-dir runs/gz-decals
+
+test: install
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+bench: install
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache
