@@ -1,0 +1,426 @@
+"""The download stage: fetch a cutout for every target into a sharded Zarr cutout store.
+
+The store layout and the shard contract are those of :mod:`lensminer.stores`. This stage fetches
+all rows of a shard concurrently through one shared :class:`~lensminer.client.CutoutClient`,
+parses each response, and writes the shard's images, status and reason in one go from a single
+writer before it sets the shard's ``shard_done`` flag. A crash before the flag leaves the shard
+pending and a rerun rewrites it whole.
+
+Failed rows of finished shards: with ``retry_failed=True`` (the default) a rerun takes each done
+shard that has FAILED rows, clears its flag, fetches only those rows, and rewrites the whole shard
+(kept rows read back from the store) before setting the flag again. The shard still has one writer,
+and a crash during the rewrite leaves it pending, so the next run refetches it whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import datetime as dt
+import logging
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+import zarr
+from astropy.table import Table
+
+from lensminer.client import CutoutClient, FetchError, client_version
+from lensminer.config import DownloadConfig, SurveyConfig
+from lensminer.cutout_io import ParsedCutout, parse_fits_cutout, parse_jpeg_cutout
+from lensminer.exceptions import TargetError
+from lensminer.stores import CutoutLayout, RowStatus, create_cutout_store, shard_count, shard_slice
+
+__all__ = ["DownloadSummary", "cutout_request", "download_cutouts"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+TOP_FAILURES = 5
+PSF_COLUMNS = ("psfsize_g", "psfsize_r", "psfsize_z")
+
+
+@dataclass
+class DownloadSummary:
+    """Outcome of one call of :func:`download_cutouts`.
+
+    Attributes
+    ----------
+    store_url
+        URL of the cutout store.
+    n_rows
+        Rows in the store.
+    counts
+        Rows by status name (``OK``, ``NO_COVERAGE``, ``FAILED``, ``PENDING``) over the whole store.
+    top_failures
+        The most common failure reasons with their row counts, most common first.
+    shards_written, shards_skipped
+        Shards written by this call, and shards that were already done and left alone.
+    seconds
+        Wall-clock duration of the call.
+    requests, retries
+        HTTP requests sent and retries among them.
+    """
+
+    store_url: str
+    n_rows: int
+    counts: dict[str, int]
+    top_failures: list[tuple[str, int]]
+    shards_written: int
+    shards_skipped: int
+    seconds: float
+    requests: int = 0
+    retries: int = 0
+
+
+@dataclass
+class _RowResult:
+    status: RowStatus
+    image: np.ndarray | None = None
+    reason: str = ""
+
+
+def cutout_request(survey: SurveyConfig, ra: float, dec: float) -> tuple[str, dict[str, Any]]:
+    """Return the endpoint and query parameters of one cutout request.
+
+    ``ra`` and ``dec`` are sent with ``repr`` precision, so the service centres the cutout on the
+    stored float64 coordinates.
+    """
+    params: dict[str, Any] = {
+        "ra": repr(float(ra)),
+        "dec": repr(float(dec)),
+        "layer": survey.layer,
+        "pixscale": survey.pixscale,
+        "size": survey.size,
+    }
+    if survey.image_format == "fits":
+        params["bands"] = survey.bands
+        return "fits-cutout", params
+    return "jpeg-cutout", params
+
+
+def _parser(survey: SurveyConfig) -> Callable[[bytes], ParsedCutout]:
+    if survey.image_format == "fits":
+        return lambda body: parse_fits_cutout(body, bands=survey.bands, size=survey.size, pixscale=survey.pixscale)
+    return lambda body: parse_jpeg_cutout(body, size=survey.size)
+
+
+def _catalog_columns(targets: Table, n_bands: int) -> dict[str, np.ndarray]:
+    columns: dict[str, np.ndarray] = {}
+    if "label" in targets.colnames:
+        columns["label"] = np.asarray(targets["label"], dtype=np.int8)
+    if "ebv" in targets.colnames:
+        columns["ebv"] = np.asarray(targets["ebv"], dtype=np.float32)
+    if all(name in targets.colnames for name in PSF_COLUMNS):
+        psf = np.stack([np.asarray(targets[name], dtype=np.float32) for name in PSF_COLUMNS], axis=1)
+        # NOTE: psf_fwhm keeps the catalog's g, r, z order; with other bands its width is still 3.
+        if n_bands != 3:
+            logger.warning("psf_fwhm holds g, r, z PSF sizes, but the survey requests %d bands", n_bands)
+        columns["psf_fwhm"] = psf
+    return columns
+
+
+def _check_targets(targets: Table) -> None:
+    missing = [name for name in ("target_id", "ra", "dec") if name not in targets.colnames]
+    if missing:
+        raise TargetError(
+            f"target table lacks columns {missing}; read it with lensminer.targets.read_targets"
+        )
+    if len(targets) == 0:
+        raise TargetError("target table has no rows; nothing to download")
+
+
+def _open_store(
+    targets: Table,
+    store_url: str,
+    survey: SurveyConfig,
+    download: DownloadConfig,
+    storage_options: dict[str, Any] | None,
+) -> zarr.Group:
+    layout = CutoutLayout(
+        bands=survey.bands,
+        size=survey.size,
+        pixscale=survey.pixscale,
+        image_format=survey.image_format,
+        layer=survey.layer,
+        service_url=survey.base_url,
+    )
+    provenance = {"client": f"lensminer {client_version()}", "endpoint": cutout_request(survey, 0.0, 0.0)[0]}
+    return create_cutout_store(
+        store_url,
+        target_id=np.asarray(targets["target_id"]).astype(str),
+        ra=np.asarray(targets["ra"], dtype=np.float64),
+        dec=np.asarray(targets["dec"], dtype=np.float64),
+        layout=layout,
+        shard_rows=download.shard_rows,
+        chunk_rows=download.chunk_rows,
+        columns=_catalog_columns(targets, layout.channels),
+        attrs={"download": provenance},
+        storage_options=storage_options,
+    )
+
+
+def _plan(group: zarr.Group, n_rows: int, shard_rows: int, retry_failed: bool) -> tuple[dict[int, np.ndarray], int]:
+    """Return, for each shard to work on, the shard-relative rows to fetch; and the skipped count."""
+    done = group["shard_done"][:]
+    status = group["status"][:] if retry_failed and done.any() else None
+    work: dict[int, np.ndarray] = {}
+    skipped = 0
+    for index in range(shard_count(n_rows, shard_rows)):
+        rows = shard_slice(index, n_rows, shard_rows)
+        if not done[index]:
+            work[index] = np.arange(rows.stop - rows.start)
+            continue
+        failed = np.flatnonzero(status[rows] == RowStatus.FAILED) if status is not None else np.array([], int)
+        if failed.size:
+            work[index] = failed
+        else:
+            skipped += 1
+    return work, skipped
+
+
+class _ShardWriter:
+    """Fetch the rows of shards and write each shard whole; one instance per download call."""
+
+    def __init__(
+        self,
+        group: zarr.Group,
+        client: CutoutClient,
+        survey: SurveyConfig,
+        ra: np.ndarray,
+        dec: np.ndarray,
+        shard_rows: int,
+        progress: Callable[[int], None],
+    ) -> None:
+        self.group = group
+        self.client = client
+        self.survey = survey
+        self.ra = ra
+        self.dec = dec
+        self.shard_rows = shard_rows
+        self.progress = progress
+        self.parse = _parser(survey)
+        self.n_rows = ra.shape[0]
+        self.image_shape = group["images"].shape[1:]
+        self.image_dtype = group["images"].dtype
+
+    async def _fetch_row(self, row: int) -> _RowResult:
+        endpoint, params = cutout_request(self.survey, self.ra[row], self.dec[row])
+        try:
+            parsed = await self.client.fetch_parsed(endpoint, params, self.parse)
+        except FetchError as error:
+            return _RowResult(RowStatus.FAILED, reason=error.reason)
+        finally:
+            self.progress(1)
+        reason = "" if parsed.status == RowStatus.OK else "no coverage: every pixel is 0"
+        return _RowResult(parsed.status, parsed.image, reason)
+
+    async def run_shard(self, index: int, fetch_rows: np.ndarray) -> None:
+        rows = shard_slice(index, self.n_rows, self.shard_rows)
+        n = rows.stop - rows.start
+
+        # Fetch the requested rows concurrently; the client bounds what is in flight.
+        results = await asyncio.gather(*(self._fetch_row(rows.start + int(offset)) for offset in fetch_rows))
+
+        # Start from the stored shard when only some rows were refetched.
+        refetch_all = fetch_rows.size == n
+        if refetch_all:
+            images = np.zeros((n, *self.image_shape), dtype=self.image_dtype)
+            status = np.full(n, int(RowStatus.PENDING), dtype=np.uint8)
+            reason = np.full(n, "", dtype=object)
+        else:
+            images, status, reason = await asyncio.to_thread(self._read_shard, rows)
+        for offset, result in zip(fetch_rows, results, strict=True):
+            status[offset] = int(result.status)
+            reason[offset] = result.reason
+            images[offset] = result.image if result.image is not None else 0
+
+        await asyncio.to_thread(self._write_shard, index, rows, images, status, reason)
+
+    def _read_shard(self, rows: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return (
+            self.group["images"][rows],
+            self.group["status"][rows],
+            np.asarray(self.group["reason"][rows], dtype=object),
+        )
+
+    def _write_shard(self, index: int, rows: slice, images: np.ndarray, status: np.ndarray, reason: np.ndarray) -> None:
+        # The flag goes down before and up after the arrays, so a crash in between leaves the
+        # shard pending (it is already down for a shard that was never finished).
+        flags = self.group["shard_done"]
+        if flags[index]:
+            flags[index] = False
+        self.group["images"][rows] = images
+        self.group["status"][rows] = status
+        self.group["reason"][rows] = reason.astype(str)
+        flags[index] = True
+        logger.debug("wrote shard %d (rows %d-%d)", index, rows.start, rows.stop - 1)
+
+
+def _run(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run ``coroutine`` to completion, in a helper thread when this thread already runs a loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = asyncio.run(coroutine)
+        except BaseException as error:  # re-raised in the calling thread below
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target, name="lensminer-download")
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+async def _download(
+    writer_args: dict[str, Any], client: CutoutClient, work: dict[int, np.ndarray], shards_in_flight: int
+) -> None:
+    writer = _ShardWriter(client=client, **writer_args)
+    queue = collections.deque(sorted(work.items()))
+
+    # A few shards in flight keep the connection pool busy while a finished shard is written;
+    # the buffers of at most that many shards are held in memory.
+    async def worker() -> None:
+        while queue:
+            index, rows = queue.popleft()
+            await writer.run_shard(index, rows)
+
+    await asyncio.gather(*(worker() for _ in range(min(shards_in_flight, len(work)))))
+
+
+def download_cutouts(
+    targets: Table,
+    store_url: str,
+    survey: SurveyConfig,
+    download: DownloadConfig,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    retry_failed: bool = True,
+    seed: int | None = None,
+) -> DownloadSummary:
+    """Download a cutout for every target into a Zarr cutout store, resuming a previous run.
+
+    Parameters
+    ----------
+    targets
+        Table with ``target_id`` (str), ``ra`` and ``dec`` (float64 degrees), as returned by
+        :func:`lensminer.targets.read_targets`. ``label``, ``ebv`` and ``psfsize_g/r/z`` (arcsec),
+        when present, are copied into the store as ``label``, ``ebv`` and ``psf_fwhm`` (N, 3).
+    store_url
+        Local path or fsspec URL (e.g. ``s3://bucket/run/cutouts.zarr``) of the store.
+    survey
+        Service URL, layer, bands, cutout size in pixels, pixel scale and image format.
+    download
+        Client settings and the shard and chunk sizes of a new store.
+    storage_options
+        fsspec options for remote stores.
+    progress
+        Called as ``progress(done_rows, total_rows)`` once at the start (rows already done) and
+        after every fetched row, from the thread that runs the download.
+    retry_failed
+        Refetch FAILED rows of finished shards (see the module docstring); False leaves them.
+    seed
+        Seed of the retry jitter, for reproducible tests.
+
+    Returns
+    -------
+    DownloadSummary
+        Row counts over the whole store and what this call did.
+
+    Raises
+    ------
+    TargetError
+        If ``targets`` lacks the standard columns or has no rows.
+    StoreError
+        If a store for other targets or of another kind exists at ``store_url``.
+    """
+    started = time.perf_counter()
+    _check_targets(targets)
+
+    # Create or reopen the store and work out what is left to do.
+    group = _open_store(targets, store_url, survey, download, storage_options)
+    n_rows = len(targets)
+    shard_rows = int(group.attrs["shard_rows"])
+    work, skipped = _plan(group, n_rows, shard_rows, retry_failed)
+    to_fetch = int(sum(rows.size for rows in work.values()))
+    logger.info(
+        "downloading %d rows in %d shards into %s (%d shards already done)", to_fetch, len(work), store_url, skipped
+    )
+
+    done_rows = n_rows - to_fetch
+    if progress is not None:
+        progress(done_rows, n_rows)
+
+    def advance(count: int) -> None:
+        nonlocal done_rows
+        done_rows += count
+        if progress is not None:
+            progress(done_rows, n_rows)
+
+    # Fetch and write the pending shards through one shared client.
+    client = CutoutClient(
+        survey.base_url,
+        concurrency=download.concurrency,
+        rate_limit=download.rate_limit,
+        timeout=download.timeout,
+        max_retries=download.max_retries,
+        backoff=download.backoff,
+        max_backoff=download.max_backoff,
+        seed=seed,
+    )
+    writer_args = {
+        "group": group,
+        "survey": survey,
+        "ra": np.asarray(group["ra"][:]),
+        "dec": np.asarray(group["dec"][:]),
+        "shard_rows": shard_rows,
+        "progress": advance,
+    }
+    shards_in_flight = 2 + -(-download.concurrency // shard_rows)
+
+    async def main() -> None:
+        async with client:
+            await _download(writer_args, client, work, shards_in_flight)
+
+    if work:
+        _run(main())
+
+    # Summarise over the whole store and record the run in its attributes.
+    status = group["status"][:]
+    counts = {member.name: int(np.count_nonzero(status == member)) for member in RowStatus}
+    failed = status == RowStatus.FAILED
+    reasons = collections.Counter(group["reason"][:][failed].tolist()) if failed.any() else collections.Counter()
+    summary = DownloadSummary(
+        store_url=store_url,
+        n_rows=n_rows,
+        counts=counts,
+        top_failures=reasons.most_common(TOP_FAILURES),
+        shards_written=len(work),
+        shards_skipped=skipped,
+        seconds=time.perf_counter() - started,
+        requests=client.stats.requests,
+        retries=client.stats.retries,
+    )
+    group.attrs["download"] = {
+        **dict(group.attrs.get("download", {})),
+        "client": f"lensminer {client_version()}",
+        "user_agent": client.user_agent,
+        "last_run": dt.datetime.now(dt.UTC).isoformat(),
+        "counts": counts,
+    }
+    if counts["FAILED"]:
+        logger.warning("%d of %d cutouts failed in %s; top reasons %s", counts["FAILED"], n_rows, store_url, summary.top_failures)
+    logger.info("cutout store %s: %s in %.1f s", store_url, counts, summary.seconds)
+    return summary
