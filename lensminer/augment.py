@@ -14,18 +14,28 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from lensminer.config import AugmentConfig
 from lensminer.exceptions import ConfigError
 
 __all__ = [
     "RGB_BANDS",
+    "AugmentParameters",
+    "Augmentation",
+    "add_noise",
+    "affine_matrices",
+    "affine_transform",
+    "border_noise_sigma",
     "center_crop",
     "evaluation_view",
+    "gaussian_blur",
+    "jitter_crop",
+    "redden",
     "rgb_band_indices",
     "viewer_stretch",
 ]
@@ -208,3 +218,478 @@ def evaluation_view(
         return center_crop(images.float() / 255.0, crop_size)
 
     raise ValueError(f"unknown image_format {image_format!r}; expected 'fits' or 'jpeg'")
+
+
+# Pixel scale of DR9 cutouts in arcsec per pixel, used when a store does not record its own.
+DEFAULT_PIXSCALE = 0.262
+# FWHM = 2 sqrt(2 ln 2) sigma for a Gaussian.
+FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
+# Scale from the median absolute deviation to the standard deviation of a Gaussian.
+MAD_TO_SIGMA = 1.482602218505602
+# Gaussian kernels are cut at this many sigma, as scipy.ndimage.gaussian_filter does by default.
+KERNEL_TRUNCATE = 4.0
+
+
+def redden(flux: Tensor, ebv_old: Tensor, ebv_new: Tensor, coefficients: Sequence[float]) -> Tensor:
+    """Move images from one Galactic reddening to another.
+
+    Each band is multiplied by ``T_new / T_old = 10**(-0.4 * R * (E_new - E_old))``.
+
+    Parameters
+    ----------
+    flux
+        Shape (B, C, H, W), nanomaggies.
+    ebv_old, ebv_new
+        Shape (B,), E(B-V) in magnitudes: the catalog value and the one to simulate.
+    coefficients
+        Extinction coefficient R of each of the C bands (A_band = R * E(B-V)).
+
+    Returns
+    -------
+    Tensor
+        Shape (B, C, H, W).
+    """
+    R = flux.new_tensor(list(coefficients))
+    delta = (ebv_new - ebv_old).to(flux.dtype)
+    transmission = torch.pow(10.0, -0.4 * delta[:, None] * R[None, :])
+    return flux * transmission[:, :, None, None]
+
+
+def affine_matrices(angle: Tensor, flip_x: Tensor, flip_y: Tensor, scale: Tensor) -> Tensor:
+    """Build the (B, 2, 2) maps from output to input pixel offsets about the image centre.
+
+    The output is the input flipped (``flip_x`` mirrors columns, ``flip_y`` rows), then rotated
+    by ``angle`` radians, then magnified by ``scale`` (``scale > 1`` enlarges the galaxy).
+    Offsets are (x, y) = (column, row).
+    """
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    rotation = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)
+    flips = torch.diag_embed(
+        torch.stack([1.0 - 2.0 * flip_x.to(angle.dtype), 1.0 - 2.0 * flip_y.to(angle.dtype)], -1)
+    )
+    return flips @ rotation / scale[:, None, None]
+
+
+def affine_transform(
+    images: Tensor, matrices: Tensor, *, padding_mode: str = "reflection"
+) -> Tensor:
+    """Resample images about their centres with bilinear interpolation.
+
+    Parameters
+    ----------
+    images
+        Shape (B, C, S, S), float.
+    matrices
+        Shape (B, 2, 2), output-to-input maps from :func:`affine_matrices`.
+    padding_mode
+        ``grid_sample`` padding for pixels that map outside the input: ``"reflection"`` mirrors
+        about the edge, ``"zeros"`` fills zero flux, ``"border"`` repeats edge pixels.
+
+    Returns
+    -------
+    Tensor
+        Shape (B, C, S, S).
+    """
+    # For square images the normalised coordinates of grid_sample are isotropic, so the same
+    # 2x2 matrix acts on them with no translation.
+    theta = torch.cat([matrices, matrices.new_zeros(matrices.shape[0], 2, 1)], dim=2).to(
+        images.dtype
+    )
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(
+        images, grid, mode="bilinear", padding_mode=padding_mode, align_corners=False
+    )
+
+
+def gaussian_blur(images: Tensor, sigma: Tensor) -> Tensor:
+    """Blur each image and band with its own circular Gaussian.
+
+    The blur is separable: one grouped convolution along rows and one along columns, with one
+    kernel per (image, band). Kernels are cut at ``KERNEL_TRUNCATE * max(sigma)`` and edges are
+    mirror-padded without repeating the edge pixel (scipy's ``mode="mirror"``).
+
+    Parameters
+    ----------
+    images
+        Shape (B, C, H, W), float.
+    sigma
+        Shape (B, C), Gaussian sigma in pixels; 0 leaves that band unchanged.
+
+    Returns
+    -------
+    Tensor
+        Shape (B, C, H, W).
+    """
+    batch, channels, height, width = images.shape
+    max_sigma = float(sigma.max()) if sigma.numel() else 0.0
+    radius = min(int(KERNEL_TRUNCATE * max_sigma + 0.5), height - 1, width - 1)
+    if radius == 0:
+        return images
+
+    # One normalised 1-D kernel per (image, band); sigma 0 gives a delta kernel.
+    offsets = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
+    sigma = sigma.reshape(-1, 1).to(images.dtype)
+    safe_sigma = torch.clamp(sigma, min=1e-6)
+    kernels = torch.exp(-0.5 * (offsets[None, :] / safe_sigma) ** 2)
+    kernels = torch.where(sigma > 1e-3, kernels, (offsets == 0).to(images.dtype)[None, :])
+    kernels = kernels / kernels.sum(dim=1, keepdim=True)
+
+    # Fold the batch into channels so one grouped convolution applies every kernel.
+    groups = batch * channels
+    stacked = images.reshape(1, groups, height, width)
+    stacked = F.pad(stacked, (radius, radius, radius, radius), mode="reflect")
+    stacked = F.conv2d(stacked, kernels.view(groups, 1, -1, 1), groups=groups)
+    stacked = F.conv2d(stacked, kernels.view(groups, 1, 1, -1), groups=groups)
+    return stacked.reshape(batch, channels, height, width)
+
+
+def jitter_crop(images: Tensor, size: int, shift: Tensor) -> Tensor:
+    """Cut a ``size`` x ``size`` window per image, centred ``shift`` pixels from the image centre.
+
+    Parameters
+    ----------
+    images
+        Shape (B, C, S, S).
+    size
+        Side of the crop in pixels.
+    shift
+        Shape (B, 2), integer (row, column) shifts of the crop centre.
+
+    Returns
+    -------
+    Tensor
+        Shape (B, C, size, size).
+
+    Raises
+    ------
+    ValueError
+        If a shifted window leaves the image.
+    """
+    batch, _, side, _ = images.shape
+    start = (side - size) // 2 + shift.to(torch.long)
+    if bool((start < 0).any()) or bool((start + size > side).any()):
+        raise ValueError(
+            f"a crop of {size} px shifted by up to {int(shift.abs().max())} px does not fit in "
+            f"{side} px images; lower augment.jitter or augment.crop_size"
+        )
+
+    offsets = torch.arange(size, device=images.device)
+    rows = (start[:, 0, None] + offsets)[:, :, None]  # (B, size, 1)
+    cols = (start[:, 1, None] + offsets)[:, None, :]  # (B, 1, size)
+    index = torch.arange(batch, device=images.device)[:, None, None]
+    # Advanced indexing puts the batch-broadcast dimensions first: (B, size, size, C).
+    return images.permute(0, 2, 3, 1)[index, rows, cols].permute(0, 3, 1, 2)
+
+
+def border_noise_sigma(images: Tensor, border: int) -> Tensor:
+    """Estimate each band's per-pixel noise from its border pixels with the MAD.
+
+    ``sigma = 1.4826 * median(|x - median(x)|)`` over the pixels within ``border`` of the edge,
+    which is robust to the light of the central galaxy reaching into the border.
+
+    Parameters
+    ----------
+    images
+        Shape (B, C, H, W).
+
+    Returns
+    -------
+    Tensor
+        Shape (B, C), in the units of ``images``.
+    """
+    height, width = images.shape[-2:]
+    mask = torch.ones(height, width, dtype=torch.bool, device=images.device)
+    mask[border : height - border, border : width - border] = False
+    pixels = images[..., mask]  # (B, C, n_border)
+    deviation = (pixels - pixels.median(dim=-1, keepdim=True).values).abs()
+    return MAD_TO_SIGMA * deviation.median(dim=-1).values
+
+
+def add_noise(
+    images: Tensor, target_sigma: Tensor, own_sigma: Tensor, generator: torch.Generator | None
+) -> Tensor:
+    """Add Gaussian noise that raises each band's per-pixel noise to ``target_sigma``.
+
+    The added sigma is ``sqrt(max(target_sigma**2 - own_sigma**2, 0))``, so a band already at
+    least as noisy as the target is left unchanged.
+
+    Parameters
+    ----------
+    images
+        Shape (B, C, H, W).
+    target_sigma, own_sigma
+        Shape (B, C), in the units of ``images``.
+
+    Returns
+    -------
+    Tensor
+        Shape (B, C, H, W).
+    """
+    added = torch.sqrt(torch.clamp(target_sigma**2 - own_sigma**2, min=0.0)).to(images.dtype)
+    noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
+    return images + noise * added[:, :, None, None]
+
+
+@dataclass(frozen=True)
+class AugmentParameters:
+    """Random draws for one batch of training views, B images of C bands.
+
+    Attributes
+    ----------
+    ebv_new
+        (B,) E(B-V) in magnitudes to redden to.
+    flip
+        (B, 2) bool, mirror columns (x) and rows (y).
+    angle
+        (B,) rotation in radians.
+    scale
+        (B,) isotropic magnification.
+    psf_sigma_target
+        (B, C) target PSF sigma in pixels.
+    shift
+        (B, 2) int64 (row, column) shift of the crop centre in pixels.
+    noise_sigma_target
+        (B, C) target per-pixel noise sigma: nanomaggies (FITS) or [0, 1] units (JPEG).
+    """
+
+    ebv_new: Tensor
+    flip: Tensor
+    angle: Tensor
+    scale: Tensor
+    psf_sigma_target: Tensor
+    shift: Tensor
+    noise_sigma_target: Tensor
+
+
+def _uniform(
+    shape: tuple[int, ...],
+    low: Tensor | float,
+    high: Tensor | float,
+    generator: torch.Generator | None,
+    device: torch.device,
+) -> Tensor:
+    draw = torch.rand(shape, generator=generator, device=device)
+    return low + (high - low) * draw
+
+
+class Augmentation(nn.Module):
+    """Random training views of a batch of cutouts, all steps batched on the images' device.
+
+    FITS cutouts (float32 nanomaggies) go through the seven steps of Stein et al. (2022): Galactic
+    reddening to a new E(B-V), flips and rotation, isotropic scaling, PSF blur to a target width,
+    a jittered crop, Gaussian noise to a target level, and the viewer's RGB stretch. JPEG cutouts
+    (uint8 RGB) get only the geometric steps and the noise, because reddening, PSF matching and
+    the stretch need fluxes.
+
+    Parameters
+    ----------
+    config
+        Augmentation parameters; per-band tuples are in g, r, z order.
+    image_format
+        ``"fits"`` or ``"jpeg"``, the cutout store's ``image_format`` attribute.
+    bands
+        The cutout store's ``bands`` attribute; for FITS a subset of g, r, z containing all three
+        for the RGB stretch.
+    pixscale
+        Pixel scale in arcsec per pixel, to convert PSF FWHM to pixels.
+    """
+
+    def __init__(
+        self,
+        config: AugmentConfig | None = None,
+        *,
+        image_format: str,
+        bands: str,
+        pixscale: float = DEFAULT_PIXSCALE,
+    ) -> None:
+        super().__init__()
+        self.config = config or AugmentConfig()
+        self.image_format = image_format
+        self.bands = bands
+        self.pixscale = pixscale
+        if image_format not in ("fits", "jpeg"):
+            raise ValueError(f"unknown image_format {image_format!r}; expected 'fits' or 'jpeg'")
+
+        if image_format == "fits":
+            rgb_band_indices(bands)
+            self._band_index = _config_band_indices(bands)
+            for name in (
+                "reddening_coefficients",
+                "psf_sigma_target_ranges",
+                "default_psf_fwhm",
+                "noise_sigma_ranges",
+            ):
+                values = getattr(self.config, name)
+                if len(values) != len(CONFIG_BANDS):
+                    raise ConfigError(
+                        f"augment.{name} has {len(values)} entries, "
+                        "expected one for each of g, r, z"
+                    )
+        else:
+            self._band_index = [0, 1, 2]
+
+    @property
+    def channels(self) -> int:
+        """Number of input channels C."""
+        return len(self.bands) if self.image_format == "fits" else 3
+
+    def _per_band(self, values: Sequence, device: torch.device) -> Tensor:
+        return torch.tensor(
+            [values[i] for i in self._band_index], dtype=torch.float32, device=device
+        )
+
+    def sample(
+        self, batch: int, device: torch.device | str, generator: torch.Generator | None = None
+    ) -> AugmentParameters:
+        """Draw the random parameters of ``batch`` views, in a fixed order for reproducibility."""
+        config, device = self.config, torch.device(device)
+        shape = (batch, self.channels)
+
+        ebv_new = _uniform((batch,), *config.ebv_new_range, generator, device)
+        flip = torch.rand((batch, 2), generator=generator, device=device) < config.flip_probability
+        angle_max = 2.0 * math.pi if config.rotate else 0.0
+        angle = _uniform((batch,), 0.0, angle_max, generator, device)
+        scale = _uniform((batch,), *config.scale_range, generator, device)
+
+        psf_ranges = self._per_band(config.psf_sigma_target_ranges, device)
+        psf_sigma_target = _uniform(shape, psf_ranges[:, 0], psf_ranges[:, 1], generator, device)
+        shift = torch.randint(
+            -config.jitter, config.jitter + 1, (batch, 2), generator=generator, device=device
+        )
+
+        if self.image_format == "fits":
+            noise_ranges = self._per_band(config.noise_sigma_ranges, device)
+        else:
+            noise_ranges = torch.tensor([config.jpeg_noise_sigma_range] * 3, device=device)
+        noise_sigma_target = _uniform(
+            shape, noise_ranges[:, 0], noise_ranges[:, 1], generator, device
+        )
+
+        return AugmentParameters(
+            ebv_new, flip, angle, scale, psf_sigma_target, shift, noise_sigma_target
+        )
+
+    def forward(
+        self,
+        images: Tensor,
+        *,
+        ebv: Tensor | None = None,
+        psf_fwhm: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        parameters: AugmentParameters | None = None,
+    ) -> Tensor:
+        """Make one random view of each cutout.
+
+        Parameters
+        ----------
+        images
+            FITS: float32 nanomaggies (B, C, S, S); JPEG: uint8 RGB (B, 3, S, S). S must be at
+            least ``crop_size + 2 * jitter``.
+        ebv
+            (B,) catalog E(B-V) in magnitudes; ``None`` or non-finite entries use
+            ``config.default_ebv``.
+        psf_fwhm
+            (B, C) catalog PSF FWHM in arcsec; ``None``, non-finite or non-positive entries use
+            ``config.default_psf_fwhm``.
+        generator
+            Source of randomness on the images' device; ``None`` uses torch's global generator.
+        parameters
+            Draws to use instead of sampling (from :meth:`sample`).
+
+        Returns
+        -------
+        Tensor
+            (B, 3, crop_size, crop_size) float32 RGB in [0, 1] on the images' device.
+        """
+        batch, side = images.shape[0], images.shape[-1]
+        if images.ndim != 4 or images.shape[1] != self.channels or images.shape[2] != side:
+            raise ValueError(
+                f"expected {self.image_format} cutouts of shape (B, {self.channels}, S, S), "
+                f"got {tuple(images.shape)}"
+            )
+        needed = self.config.crop_size + 2 * self.config.jitter
+        if side < needed:
+            raise ValueError(
+                f"cutouts of {side} px are too small for a {self.config.crop_size} px crop "
+                f"jittered by {self.config.jitter} px (need {needed} px); "
+                "lower augment.crop_size or augment.jitter"
+            )
+        if parameters is None:
+            parameters = self.sample(batch, images.device, generator)
+
+        if self.image_format == "jpeg":
+            return self._jpeg_view(images, parameters, generator)
+        return self._fits_view(
+            images,
+            parameters,
+            self._catalog_ebv(ebv, batch, images.device),
+            self._catalog_psf(psf_fwhm, batch, images.device),
+            generator,
+        )
+
+    def _catalog_ebv(self, ebv: Tensor | None, batch: int, device: torch.device) -> Tensor:
+        default = torch.full((batch,), self.config.default_ebv, device=device)
+        if ebv is None:
+            return default
+        ebv = ebv.to(device=device, dtype=torch.float32)
+        return torch.where(torch.isfinite(ebv), ebv, default)
+
+    def _catalog_psf(self, psf_fwhm: Tensor | None, batch: int, device: torch.device) -> Tensor:
+        default = self._per_band(self.config.default_psf_fwhm, device).expand(batch, -1)
+        if psf_fwhm is None:
+            return default
+        psf_fwhm = psf_fwhm.to(device=device, dtype=torch.float32)
+        return torch.where(torch.isfinite(psf_fwhm) & (psf_fwhm > 0), psf_fwhm, default)
+
+    def _fits_view(
+        self,
+        flux: Tensor,
+        draws: AugmentParameters,
+        ebv: Tensor,
+        psf_fwhm: Tensor,
+        generator: torch.Generator | None,
+    ) -> Tensor:
+        config = self.config
+        # NOTE: non-finite pixels (bad or masked) become zero flux, so the blur cannot spread NaN.
+        flux = torch.nan_to_num(flux.float(), nan=0.0, posinf=0.0, neginf=0.0)
+
+        # 1. Reddening from the catalog E(B-V) to a new one.
+        coefficients = [config.reddening_coefficients[i] for i in self._band_index]
+        flux = redden(flux, ebv, draws.ebv_new, coefficients)
+
+        # 2-3. Flips, rotation and scaling in one resampling.
+        matrices = affine_matrices(draws.angle, draws.flip[:, 0], draws.flip[:, 1], draws.scale)
+        flux = affine_transform(flux, matrices, padding_mode=config.padding_mode)
+
+        # 4. PSF blur from the image's own width, which the scaling multiplied by `scale`.
+        own_sigma = psf_fwhm / self.pixscale / FWHM_PER_SIGMA * draws.scale[:, None]
+        blur_sigma = torch.sqrt(torch.clamp(draws.psf_sigma_target**2 - own_sigma**2, min=0.0))
+        flux = gaussian_blur(flux, blur_sigma)
+
+        # 5. Jittered crop.
+        flux = jitter_crop(flux, config.crop_size, draws.shift)
+
+        # 6. Noise up to the target level, measured after the blur has smoothed the image's own.
+        own_noise = border_noise_sigma(flux, config.noise_border)
+        flux = add_noise(flux, draws.noise_sigma_target, own_noise, generator)
+
+        # 7. Viewer RGB stretch.
+        return viewer_stretch(
+            flux, self.bands, scales=config.rgb_scales, offset=config.rgb_offset, q=config.rgb_q
+        )
+
+    def _jpeg_view(
+        self, images: Tensor, draws: AugmentParameters, generator: torch.Generator | None
+    ) -> Tensor:
+        config = self.config
+        if images.dtype != torch.uint8:
+            raise ValueError(f"JPEG cutouts must be uint8 RGB, got dtype {images.dtype}")
+        rgb = images.float() / 255.0
+
+        matrices = affine_matrices(draws.angle, draws.flip[:, 0], draws.flip[:, 1], draws.scale)
+        rgb = affine_transform(rgb, matrices, padding_mode=config.padding_mode)
+        rgb = jitter_crop(rgb, config.crop_size, draws.shift)
+
+        own_noise = border_noise_sigma(rgb, config.noise_border)
+        rgb = add_noise(rgb, draws.noise_sigma_target, own_noise, generator)
+        return torch.clamp(rgb, 0.0, 1.0)

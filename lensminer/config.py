@@ -76,6 +76,15 @@ class AugmentConfig(_Section):
     rgb_scales: tuple[float, ...] = Field((6.0, 3.4, 2.2), description="Viewer scales for g, r, z.")
     rgb_offset: float = 0.03
     rgb_q: float = 20.0
+    default_ebv: float = Field(0.0, ge=0, description="E(B-V) in magnitudes assumed when the catalog has none.")
+    padding_mode: Literal["reflection", "zeros", "border"] = Field(
+        "reflection", description="How rotation and scaling fill pixels from outside the cutout."
+    )
+    noise_border: int = Field(8, ge=1, description="Width in pixels of the border used to estimate image noise.")
+    # NOTE: a LensMiner choice, not from Stein et al. (2022), which trained on FITS cutouts only.
+    jpeg_noise_sigma_range: tuple[float, float] = Field(
+        (0.0, 0.02), description="Target noise sigma of JPEG views, in units of the [0, 1] pixel range."
+    )
 
 
 class PretrainConfig(_Section):
