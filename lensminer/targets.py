@@ -241,10 +241,15 @@ def _find_column(names: dict[str, str], candidates: Sequence[str]) -> str | None
 
 
 def _as_strings(column: Any) -> np.ndarray:
-    values = np.asarray(column.filled("") if np.ma.isMaskedArray(column) else column)
+    """Return a column as stripped str values, with masked entries as ""."""
+    values = np.asarray(np.ma.getdata(column))
     if values.dtype.kind == "S":
         values = np.char.decode(values, "ascii")
-    return np.char.strip(values.astype(str))
+    strings = np.char.strip(values.astype(str))
+    mask = np.ma.getmaskarray(column) if np.ma.isMaskedArray(column) else None
+    if mask is not None and mask.any():
+        strings = np.where(mask, "", strings)
+    return strings
 
 
 def _as_float(column: Any) -> np.ndarray:
