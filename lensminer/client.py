@@ -228,9 +228,8 @@ class CutoutClient:
         FetchError
             When the request or the parse still fails after the retries.
         """
-        if self._client is None or self._slots is None or self._bucket is None:
-            raise RuntimeError("CutoutClient is not open; use it as 'async with CutoutClient(...) as client'")
-        url = str(self._client.build_request("GET", endpoint, params=dict(params)).url)
+        http, _, _ = self._open_parts()
+        url = str(http.build_request("GET", endpoint, params=dict(params)).url)
 
         for attempt in range(self.max_retries + 1):
             try:
@@ -246,9 +245,15 @@ class CutoutClient:
                 await asyncio.sleep(delay)
             except FetchError as error:
                 self.stats.failures += 1
-                logger.warning("request failed without retry: %s", error)
-                raise
+                final = FetchError(error.reason, error.url, attempt + 1)
+                logger.warning("request failed without retry: %s", final)
+                raise final from error
         raise AssertionError("unreachable: the loop returns or raises")
+
+    def _open_parts(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore, TokenBucket]:
+        if self._client is None or self._slots is None or self._bucket is None:
+            raise RuntimeError("CutoutClient is not open; use it as 'async with CutoutClient(...) as client'")
+        return self._client, self._slots, self._bucket
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
@@ -256,14 +261,14 @@ class CutoutClient:
         return self._random.uniform(0.0, min(self.max_backoff, self.backoff * 2**attempt))
 
     async def _attempt(self, endpoint: str, params: Mapping[str, Any], parse: Callable[[bytes], T]) -> T:
-        assert self._client is not None and self._slots is not None and self._bucket is not None
+        http, slots, bucket = self._open_parts()
 
         # One request: wait for a slot and a token, then send it.
-        async with self._slots:
-            await self._bucket.acquire()
+        async with slots:
+            await bucket.acquire()
             self.stats.requests += 1
             try:
-                response = await self._client.get(endpoint, params=dict(params))
+                response = await http.get(endpoint, params=dict(params))
             except httpx.TimeoutException as error:
                 raise _TransientError(f"timed out ({type(error).__name__})") from error
             except httpx.TransportError as error:

@@ -3,7 +3,7 @@
 A Legacy Survey ``fits-cutout`` response is one primary HDU holding a big-endian float32 cube of
 shape (n_bands, height, width) in nanomaggies, with ``BANDS``/``BANDn`` keywords and a TAN WCS
 whose CD matrix gives the pixel scale. Extra HDUs with ``IMAGETYP`` ``INVVAR`` or ``MASKBITS``
-follow when the request asks for them. Everything that does not match the request raises
+follow when the request sets ``invvar`` or ``maskbits``. Everything that does not match the request raises
 :class:`~lensminer.exceptions.CutoutParseError`, so the download stage can retry the request or
 record the row as failed instead of storing a wrong image.
 """
@@ -154,7 +154,7 @@ def _parse_fits(data: bytes, bands: str | None, size: int | None, pixscale: floa
         if plane_bands is None:
             raise CutoutParseError("FITS header has no BANDS or BAND0 keyword; pass bands to name the planes")
 
-        # Read the pixels; astropy raises on data shorter than the header promises.
+        # Read the pixels. astropy raises when the data are shorter than the header states.
         try:
             raw = hdus[0].data
             invvar = _extra_plane(hdus, "INVVAR")

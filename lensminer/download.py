@@ -6,10 +6,11 @@ parses each response, and writes the shard's images, status and reason in one go
 writer before it sets the shard's ``shard_done`` flag. A crash before the flag leaves the shard
 pending and a rerun rewrites it whole.
 
-Failed rows of finished shards: with ``retry_failed=True`` (the default) a rerun takes each done
-shard that has FAILED rows, clears its flag, fetches only those rows, and rewrites the whole shard
-(kept rows read back from the store) before setting the flag again. The shard still has one writer,
-and a crash during the rewrite leaves it pending, so the next run refetches it whole.
+Failed rows of finished shards are retried by a rerun when ``retry_failed=True`` (the default).
+For each done shard with FAILED rows, the rerun fetches only those rows, reads the other rows back
+from the store, clears the shard's flag and rewrites the whole shard before it sets the flag again.
+The shard still has one writer. A crash during the rewrite leaves the shard pending, so the next run
+refetches it whole.
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ def _catalog_columns(targets: Table, n_bands: int) -> dict[str, np.ndarray]:
         psf = np.stack([np.asarray(targets[name], dtype=np.float32) for name in PSF_COLUMNS], axis=1)
         # NOTE: psf_fwhm keeps the catalog's g, r, z order; with other bands its width is still 3.
         if n_bands != 3:
-            logger.warning("psf_fwhm holds g, r, z PSF sizes, but the survey requests %d bands", n_bands)
+            logger.warning("psf_fwhm contains g, r, z PSF sizes, but the survey requests %d bands", n_bands)
         columns["psf_fwhm"] = psf
     return columns
 
@@ -164,7 +165,7 @@ def _open_store(
 
 
 def _plan(group: zarr.Group, n_rows: int, shard_rows: int, retry_failed: bool) -> tuple[dict[int, np.ndarray], int]:
-    """Return, for each shard to work on, the shard-relative rows to fetch; and the skipped count."""
+    """Return the shard-relative rows to fetch for each shard to work on, and the count of skipped shards."""
     done = group["shard_done"][:]
     status = group["status"][:] if retry_failed and done.any() else None
     work: dict[int, np.ndarray] = {}
@@ -183,7 +184,7 @@ def _plan(group: zarr.Group, n_rows: int, shard_rows: int, retry_failed: bool) -
 
 
 class _ShardWriter:
-    """Fetch the rows of shards and write each shard whole; one instance per download call."""
+    """Fetcher and writer of whole shards, one instance per download call."""
 
     def __init__(
         self,
@@ -222,7 +223,7 @@ class _ShardWriter:
         rows = shard_slice(index, self.n_rows, self.shard_rows)
         n = rows.stop - rows.start
 
-        # Fetch the requested rows concurrently; the client bounds what is in flight.
+        # Fetch the requested rows concurrently. The client bounds the requests in flight.
         results = await asyncio.gather(*(self._fetch_row(rows.start + int(offset)) for offset in fetch_rows))
 
         # Start from the stored shard when only some rows were refetched.
@@ -289,8 +290,8 @@ async def _download(
     writer = _ShardWriter(client=client, **writer_args)
     queue = collections.deque(sorted(work.items()))
 
-    # A few shards in flight keep the connection pool busy while a finished shard is written;
-    # the buffers of at most that many shards are held in memory.
+    # A few shards in flight keep the connection pool busy while a finished shard is written.
+    # Memory holds the buffers of at most that many shards.
     async def worker() -> None:
         while queue:
             index, rows = queue.popleft()
@@ -421,6 +422,9 @@ def download_cutouts(
         "counts": counts,
     }
     if counts["FAILED"]:
-        logger.warning("%d of %d cutouts failed in %s; top reasons %s", counts["FAILED"], n_rows, store_url, summary.top_failures)
+        logger.warning(
+            "%d of %d cutouts failed in %s (top reasons %s); rerun to retry them",
+            counts["FAILED"], n_rows, store_url, summary.top_failures,
+        )
     logger.info("cutout store %s: %s in %.1f s", store_url, counts, summary.seconds)
     return summary

@@ -108,7 +108,7 @@ def read_table(url: str, *, storage_options: dict[str, Any] | None = None) -> Ta
     url
         Local path or fsspec URL of a CSV, TSV, FITS or Parquet file, optionally gzip-compressed
         (``.gz``). The format comes from the extension, or from the first bytes when the extension
-        is unknown. For FITS the first HDU that holds a table is read.
+        is unknown. For FITS the first HDU that contains a table is read.
 
     Raises
     ------
@@ -144,7 +144,7 @@ def _read_fits_table(data: bytes, url: str) -> Table:
         for hdu in hdus:
             if isinstance(hdu, (fits.BinTableHDU, fits.TableHDU)):
                 return Table.read(hdu)
-    raise TargetError(f"{url!r} holds no table HDU; a target file needs a FITS binary or ASCII table")
+    raise TargetError(f"{url!r} contains no table HDU; a target file needs a FITS binary or ASCII table")
 
 
 def _read_parquet(data: bytes) -> Table:
@@ -155,7 +155,7 @@ def _read_parquet(data: bytes) -> Table:
     for name in arrow.column_names:
         values = arrow.column(name).to_numpy(zero_copy_only=False)
         if values.dtype == object:
-            # Arrow strings arrive as Python objects; None marks a missing value.
+            # Arrow strings arrive as Python objects, and None marks a missing value.
             missing = np.array([value is None for value in values])
             values = np.ma.MaskedArray(np.array(["" if v is None else str(v) for v in values]), mask=missing)
         columns[name] = values
@@ -433,8 +433,8 @@ def merge_close_targets(table: Table, radius_arcsec: float = 0.262) -> Table:
     coords = SkyCoord(ra=ra * u.deg, dec=dec * u.deg)
     first, second, _, _ = coords.search_around_sky(coords, radius_arcsec * u.arcsec)
 
-    # Each pair appears twice and every row matches itself; walk the pairs in row order so a
-    # dropped row cannot drop later rows.
+    # Each pair appears twice and every row matches itself. Walking the pairs in row order means
+    # that only kept rows drop later rows.
     pairs = sorted((int(i), int(j)) for i, j in zip(first, second, strict=True) if i < j)
     dropped = np.zeros(len(table), dtype=bool)
     for i, j in pairs:
@@ -464,7 +464,7 @@ def read_lens_table(
     ids come from the coordinates. ``grade``, ``region``, ``source_type`` and ``z_spec`` are kept
     when present unless ``keep_columns`` names others. The candidate table lists a few objects
     twice (once per imaging region), so rows within ``merge_radius_arcsec`` of an earlier row are
-    dropped first; ``None`` keeps every row and raises on repeated coordinates.
+    dropped first. With ``None`` every row is kept, and repeated coordinates raise TargetError.
     """
     table = read_table(url, storage_options=storage_options)
     if merge_radius_arcsec is not None:
@@ -497,8 +497,8 @@ def read_lenscat(*, grading: Sequence[str] | None = None) -> Table:
             "read_lenscat needs the optional lenscat package; install it with pip install 'lensminer[lenscat]'"
         ) from error
 
-    # NOTE: written against lenscat 1.1 (columns name, RA, DEC, zlens, type, grading, ref); lenscat is
-    # not installed in the test environment, so this path is untested.
+    # NOTE: written for the lenscat 1.1 columns (name, RA, DEC, zlens, type, grading, ref) but never
+    # run, because lenscat is not installed in the test environment.
     table = Table(lenscat.catalog)
     if grading is not None:
         table = table[np.isin(_as_strings(table["grading"]), list(grading))]
@@ -554,7 +554,7 @@ def select_parent_sample(
     flux_z, transmission_z = _require(table, names, ("flux_z", "mw_transmission_z"), "the z-magnitude cut")
     keep = np.ones(len(table), dtype=bool)
 
-    # Magnitude cut on dereddened flux; log10 of non-positive flux is masked out first.
+    # Magnitude cut on dereddened flux. Rows with non-positive flux keep an infinite magnitude.
     flux = _as_float(table[flux_z]) / _as_float(table[transmission_z])
     positive = np.isfinite(flux) & (flux > 0)
     zmag = np.full(len(table), np.inf)
