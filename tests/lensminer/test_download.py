@@ -383,3 +383,63 @@ def test_download_kill_then_rerun_equals_clean(service: tuple[StubService, str],
     assert summary.shards_skipped >= 2
     for name in ("images", "status", "reason", "target_id", "shard_done"):
         np.testing.assert_array_equal(resumed[name], clean[name], err_msg=name)
+
+
+# --------------------------------------------------------------------------------------------
+# The project's survey server with a simulated sky
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sky_targets() -> Table:
+    """Standard targets of 24 simulated objects, a fifth of them lenses."""
+    sky_module = pytest.importorskip("lensminer.sky")
+    from lensminer.targets import standardize_targets
+
+    return standardize_targets(sky_module.SimulatedSky(seed=1, lens_fraction=0.2).catalog(24))
+
+
+def survey_app(faults: object = None) -> object:
+    server_module = pytest.importorskip("lensminer.infra.survey_server")
+    sources = pytest.importorskip("lensminer.infra.sources")
+    from lensminer.sky import SimulatedSky
+
+    return server_module.create_app(sources.SimulatedSkySource(SimulatedSky(seed=1, lens_fraction=0.2)), faults=faults)
+
+
+def test_download_survey_server_faults(sky_targets: Table, tmp_path: Path) -> None:
+    from lensminer.infra.survey_server import FaultConfig, serve_in_thread
+
+    # 30% of requests fail: 503, 429 with Retry-After, held past the timeout, or cut in half.
+    faults = FaultConfig(
+        error_rate=0.1, rate_limit_rate=0.05, retry_after=0.05, timeout_rate=0.05, timeout_hold=2.0,
+        truncate_rate=0.1, seed=3,
+    )
+    faulty_app = survey_app(faults)
+    with serve_in_thread(survey_app()) as clean_url, serve_in_thread(faulty_app) as faulty_url:
+        survey, download = configs(clean_url, shard_rows=8, chunk_rows=4, timeout=1.0, max_retries=8)
+        clean = download_cutouts(sky_targets, str(tmp_path / "clean.zarr"), SurveyConfig(base_url=clean_url, size=32), download)
+        faulty = download_cutouts(sky_targets, str(tmp_path / "faulty.zarr"), SurveyConfig(base_url=faulty_url, size=32), download, seed=0)
+    clean_store, faulty_store = read_store(str(tmp_path / "clean.zarr")), read_store(str(tmp_path / "faulty.zarr"))
+
+    assert clean.counts["OK"] == 24
+    assert faulty.counts["OK"] == 24
+    assert sum(faulty_app.state.fault_counts.values()) >= 5
+    assert faulty.retries == sum(faulty_app.state.fault_counts.values())
+    assert clean_store["images"].tobytes() == faulty_store["images"].tobytes()
+    assert open_store(str(tmp_path / "faulty.zarr"), "cutouts")["label"][:].tolist() == list(sky_targets["label"])
+
+
+def test_download_survey_server_jpeg(sky_targets: Table, tmp_path: Path) -> None:
+    from lensminer.infra.survey_server import serve_in_thread
+
+    with serve_in_thread(survey_app()) as url:
+        _, download = configs(url)
+        survey = SurveyConfig(base_url=url, size=32, image_format="jpeg")
+        summary = download_cutouts(sky_targets[:6], str(tmp_path / "j.zarr"), survey, download)
+    images = open_store(str(tmp_path / "j.zarr"), "cutouts")["images"]
+
+    assert summary.counts["OK"] == 6
+    assert images.dtype == np.uint8
+    assert images.shape == (6, 3, 32, 32)
+    assert images[:].any()
