@@ -37,11 +37,9 @@ def main() -> None:
     print(
         f"{args.n} cutouts of {args.size}x{args.size} grz, {n_lenses} lenses: {total:.1f} s total"
     )
-    print(
     non_lens_ms = 1e3 * (total - lens_seconds) / max(args.n - n_lenses, 1)
     lens_ms = 1e3 * lens_seconds / max(n_lenses, 1)
     print(f"non-lens {non_lens_ms:.1f} ms each, lens {lens_ms:.1f} ms each")
-    )
 
 
 if __name__ == "__main__":
