@@ -35,6 +35,7 @@ __all__ = [
     "embed_shard",
     "load_cached_encoder",
     "prepare_embedding_store",
+    "resolve_device",
     "verify_embedding_store",
 ]
 
@@ -106,6 +107,7 @@ def load_cached_encoder(
         options = storage_options if storage.is_remote(encoder_url) else None
         encoder = load_encoder(encoder_url, storage_options=options, map_location=device)
         encoder = encoder.to(device=device, memory_format=torch.channels_last).eval()
+        # Keep one encoder per process, so a re-exported encoder replaces the old one in memory.
         _ENCODERS.clear()
         _ENCODERS[key] = encoder
     return encoder
@@ -203,7 +205,7 @@ def _embed_images(
         )
         x = view.to(device).contiguous(memory_format=torch.channels_last)
 
-        # bf16 autocast only on CUDA: on the CPU it is slower and changes the numbers.
+        # bf16 autocast runs only on CUDA, so CPU embeddings stay float32 and reproducible.
         with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             representation, projection = encoder(x)
         representations.append(representation.float().cpu().numpy())
@@ -223,8 +225,8 @@ def embed_shard(
 ) -> int:
     """Embed the rows of one shard and mark the shard done.
 
-    Rows whose cutout status is not OK get ``valid=False`` and zero embeddings, and the model
-    never sees them.
+    Rows whose cutout status is not OK get ``valid=False`` and zero embeddings, and they are not
+    passed to the encoder.
 
     Returns
     -------
@@ -344,7 +346,7 @@ def embed_cutouts(
     Raises
     ------
     ConfigError
-        If ``embed.scheduler`` is none of the accepted values.
+        If ``embed.scheduler`` is not ``"local"``, ``"synchronous"`` or a scheduler address.
     StoreError
         If a shard fails its checks, or the finished store does not match the cutout store.
     """
