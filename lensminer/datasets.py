@@ -2,9 +2,9 @@
 
 :class:`CutoutBatches` reads whole shards (contiguous blocks of rows) rather than one cutout at a
 time, because a shard is the unit in which Zarr stores and fetches the images. Each epoch it draws
-the rows to train on, deals whole shards to the DataLoader worker processes (and DDP ranks),
-shuffles rows within a few shards at a time, and yields ready-made batches; use it with
-``DataLoader(dataset, batch_size=None)``.
+the rows to train on and deals whole shards to the DataLoader worker processes (and DDP ranks).
+Each worker shuffles rows within a few shards at a time and yields ready-made batches, so use it
+with ``DataLoader(dataset, batch_size=None)``.
 """
 
 from __future__ import annotations
@@ -243,8 +243,8 @@ class CutoutBatches(IterableDataset):
     def _batches_per_worker(self, epoch: int) -> list[int]:
         """Return how many batches each worker of this rank yields in ``epoch``.
 
-        Every rank yields the same total (the smallest over ranks), so DDP ranks stay in step;
-        the DataLoader takes batches from its workers in turn, so the cut follows that order.
+        Every rank yields the same total (the smallest over ranks), so DDP ranks stay in step.
+        The DataLoader takes batches from its workers in turn, and the cut follows that order.
         """
         workers = max(1, self.num_workers)
         slots = self.world_size * workers
@@ -253,12 +253,12 @@ class CutoutBatches(IterableDataset):
         total = min(per_rank)
 
         available = full[self.rank * workers : (self.rank + 1) * workers]
-        taken = [0] * workers
-        while sum(taken) < total:
+        counts = [0] * workers
+        while sum(counts) < total:
             for worker in range(workers):
-                if taken[worker] < available[worker] and sum(taken) < total:
-                    taken[worker] += 1
-        return taken
+                if counts[worker] < available[worker] and sum(counts) < total:
+                    counts[worker] += 1
+        return counts
 
     def batches_in_epoch(self, epoch: int) -> int:
         """Return the number of batches this rank yields in ``epoch``."""
@@ -392,9 +392,9 @@ def load_labelled_subset(
     images = []
     for shard in np.unique(rows // shard_rows).tolist():
         block = stores.shard_slice(shard, n_rows, shard_rows)
-        wanted = rows[(rows >= block.start) & (rows < block.stop)] - block.start
+        selected = rows[(rows >= block.start) & (rows < block.stop)] - block.start
         data = np.asarray(group["images"][block])
-        images.append(data[wanted].astype(data.dtype.newbyteorder("="), copy=False))
+        images.append(data[selected].astype(data.dtype.newbyteorder("="), copy=False))
 
     return LabelledSubset(
         images=torch.from_numpy(np.concatenate(images)),
