@@ -392,7 +392,7 @@ def test_download_kill_then_rerun_equals_clean(service: tuple[StubService, str],
 
 @pytest.fixture(scope="module")
 def sky_targets() -> Table:
-    """Standard targets of 24 simulated objects, a fifth of them lenses."""
+    """Standard targets of 24 simulated objects, each a lens with probability 0.2."""
     sky_module = pytest.importorskip("lensminer.sky")
     from lensminer.targets import standardize_targets
 
@@ -443,3 +443,14 @@ def test_download_survey_server_jpeg(sky_targets: Table, tmp_path: Path) -> None
     assert images.dtype == np.uint8
     assert images.shape == (6, 3, 32, 32)
     assert images[:].any()
+
+
+def test_download_inside_running_loop(service: tuple[StubService, str], tmp_path: Path) -> None:
+    _, base_url = service
+    survey, download = configs(base_url)
+
+    async def caller() -> int:
+        # A synchronous call from a coroutine, as in an async Prefect task or a notebook.
+        return download_cutouts(make_targets(4), str(tmp_path / "c.zarr"), survey, download).counts["OK"]
+
+    assert asyncio.run(caller()) == 4
