@@ -1,4 +1,5 @@
-"""Image sources behind the local cutout server: the simulated sky or a folder of real images.
+"""Image sources behind the local cutout server: the simulated sky, a folder of real images, and
+simulated brick coadds.
 
 A source returns cutouts in FITS orientation (row 0 south, east left) on a TAN grid centred on
 the requested position. It returns ``None`` where it has no coverage, and the server then sends
@@ -7,9 +8,13 @@ an all-zero cube as the public service does.
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import re
+import shutil
+import tempfile
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +28,7 @@ from astropy.wcs.utils import proj_plane_pixel_scales
 from PIL import Image
 from scipy import ndimage
 
+from lensminer.bricks import BRICK_PIXELS, BRICK_PIXSCALE, Brick, BrickGrid, brick_wcs, coadd_path, default_grid
 from lensminer.exceptions import SurveyServerError
 from lensminer.rgb import fits_to_picture
 from lensminer.sky import NATIVE_PIXSCALE, SKY_BANDS, SimulatedSky
@@ -30,6 +36,7 @@ from lensminer.sky import NATIVE_PIXSCALE, SKY_BANDS, SimulatedSky
 __all__ = [
     "CutoutSource",
     "ImageDirectorySource",
+    "SimulatedBrickSource",
     "SimulatedSkySource",
     "cutout_wcs",
     "parse_iauname",
@@ -39,6 +46,16 @@ logger = logging.getLogger(__name__)
 
 FITS_SUFFIXES = (".fits", ".fit", ".fits.fz", ".fits.gz")
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+#: Smallest and largest side in pixels of the stamp drawn for each target in a simulated brick.
+STAMP_MIN = 64
+STAMP_MAX = 152
+
+#: File written into a simulated brick's folder after all its files.
+COMPLETE_MARKER = ".complete"
+
+# Entry of the random seed sequence for brick noise, apart from the sky's own streams.
+_STREAM_BRICK_NOISE = 7
 
 _IAUNAME = re.compile(r"J(\d{2})(\d{2})(\d{2}(?:\.\d+)?)([+-])(\d{2})(\d{2})(\d{2}(?:\.\d+)?)")
 
@@ -462,3 +479,303 @@ def _resample(planes: np.ndarray, source_wcs: WCS, target_wcs: WCS) -> np.ndarra
         sampled = ndimage.map_coordinates(plane, [y, x], order=1, mode="nearest")
         out[index] = np.where(inside, sampled, 0.0)
     return out
+
+
+class SimulatedBrickSource:
+    """Brick coadds of a simulated sky with a galaxy at each position of a target catalog.
+
+    Each brick image is Gaussian sky noise plus, for every target whose stamp overlaps the
+    brick, the noise-free :meth:`SimulatedSky.render` stamp of the object at that position,
+    shifted by a cubic spline to the target's sub-pixel position on the brick's TAN grid. A
+    brick is rendered when one of its files is first requested and is kept as tile-compressed
+    FITS files under ``cache_dir``, in the layout of a data release
+    (``coadd/<AAA>/<brick>/legacysurvey-<brick>-<kind>[-<band>].fits.fz``).
+
+    Parameters
+    ----------
+    sky
+        The simulated sky that draws each object.
+    targets
+        Table with ``ra`` and ``dec`` columns in degrees.
+    grid
+        Brick grid; the computed default grid when None.
+    cache_dir
+        Folder of the rendered files. None uses a new temporary folder, deleted by
+        :meth:`close`, and keeps at most ``max_cached`` bricks in it (least recently used go
+        first). A given folder keeps every brick, so it can serve as a local mirror.
+    max_cached
+        Bricks kept in a temporary ``cache_dir``.
+    margin
+        Pixels beyond a brick's image edge within which a target makes the brick part of the
+        served footprint, so that cutouts of up to ``2 * margin`` pixels around a target near
+        an edge can be filled from the neighbouring brick.
+    quantize_level
+        None writes lossless GZIP_2 floats. A number writes lossy RICE_1 with that quantize
+        level (noise sigma divided by the quantisation step), which gives files about 4 times
+        smaller, as lossy quantisation does for the survey's own coadds.
+    """
+
+    survey = "LensMinerSimulatedSky"
+
+    def __init__(
+        self,
+        sky: SimulatedSky,
+        targets: Table,
+        *,
+        grid: BrickGrid | None = None,
+        cache_dir: str | Path | None = None,
+        max_cached: int = 4,
+        margin: int = 256,
+        quantize_level: float | None = None,
+    ) -> None:
+        missing = [name for name in ("ra", "dec") if name not in targets.colnames]
+        if missing:
+            raise SurveyServerError(
+                f"brick catalog lacks columns {missing}; pass a table with ra and dec in degrees"
+            )
+        if max_cached < 1:
+            raise SurveyServerError(f"max_cached must be at least 1 brick, got {max_cached!r}")
+        if quantize_level is not None and not quantize_level > 0:
+            raise SurveyServerError(
+                f"quantize_level must be positive or None for lossless files, got {quantize_level!r}"
+            )
+        self.sky = sky
+        self.grid = grid or default_grid()
+        self.ra = np.asarray(targets["ra"], dtype=np.float64)
+        self.dec = np.asarray(targets["dec"], dtype=np.float64)
+        self.margin = int(margin)
+        self.quantize_level = quantize_level
+        self.max_cached = int(max_cached)
+
+        self._temporary = cache_dir is None
+        self.cache_dir = Path(tempfile.mkdtemp(prefix="lensminer-bricks-")) if cache_dir is None else Path(cache_dir)
+        self._cached: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self._brick_locks: dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
+        self.bricks = self._covering_bricks()
+        self._by_name = {brick.name: brick for brick in self.bricks}
+        logger.info(
+            "simulated bricks: %d targets in %d bricks, files under %s",
+            self.ra.size, len(self.bricks), self.cache_dir,
+        )
+
+    def __repr__(self) -> str:
+        return f"SimulatedBrickSource({self.sky!r}, targets={self.ra.size}, bricks={len(self.bricks)})"
+
+    def close(self) -> None:
+        """Delete a temporary cache folder; a folder given by the caller is kept."""
+        if self._temporary:
+            shutil.rmtree(self.cache_dir, ignore_errors=True)
+
+    # Footprint ----------------------------------------------------------------------------
+
+    def _covering_bricks(self) -> list[Brick]:
+        """Return the bricks whose image, grown by ``margin`` pixels, contains a target."""
+        if self.ra.size == 0:
+            return []
+
+        # Candidates: the bricks that own points around each target, a margin away.
+        reach = (BRICK_PIXELS / 2 + self.margin) * BRICK_PIXSCALE / 3600.0
+        candidates: set[int] = set()
+        for d_dec in (-reach, 0.0, reach):
+            dec = np.clip(self.dec + d_dec, -90.0, 90.0)
+            d_ra = reach / np.maximum(np.cos(np.radians(dec)), 1e-3)
+            for sign in (-1.0, 0.0, 1.0):
+                candidates.update(np.unique(self.grid.indices_for(self.ra + sign * d_ra, dec)).tolist())
+
+        # Keep those whose grown image contains a target.
+        covering = []
+        for index in sorted(candidates):
+            brick = self.grid.brick(index)
+            if self.targets_near(brick, self.margin).size:
+                covering.append(brick)
+        return covering
+
+    def targets_near(self, brick: Brick, margin: float) -> np.ndarray:
+        """Return indices of targets within ``margin`` pixels of the brick's image."""
+        x, y = _pixels_on(brick, self.ra, self.dec)
+        low, high = -0.5 - margin, BRICK_PIXELS - 0.5 + margin
+        return np.flatnonzero((x >= low) & (x <= high) & (y >= low) & (y <= high))
+
+    def brick(self, name: str) -> Brick | None:
+        """Return the served brick called ``name``, or None outside the footprint."""
+        return self._by_name.get(name)
+
+    def bricks_table(self) -> Table:
+        """Return the survey-bricks rows of the served bricks."""
+        names = np.array([brick.name for brick in self.bricks], dtype="U8")
+        return Table(
+            {
+                "BRICKNAME": names,
+                "BRICKID": np.array([brick.brickid for brick in self.bricks], dtype=np.int32),
+                **{
+                    column.upper(): np.array([getattr(brick, column) for brick in self.bricks])
+                    for column in ("ra", "dec", "ra1", "ra2", "dec1", "dec2")
+                },
+            }
+        )
+
+    # Rendering ----------------------------------------------------------------------------
+
+    def render(self, brick: Brick, bands: str = SKY_BANDS) -> tuple[np.ndarray, np.ndarray]:
+        """Render a brick's image cube and the noise sigma of each band.
+
+        Returns
+        -------
+        image : numpy.ndarray
+            float32 ``(len(bands), 3600, 3600)`` in nanomaggies per pixel, FITS orientation.
+        sigma : numpy.ndarray
+            float64 ``(len(bands),)`` noise sigma per pixel in nanomaggies.
+        """
+        band_indices = [SKY_BANDS.index(band) for band in bands]
+        conditions = self.sky.truth(brick.ra, brick.dec)
+        sigma = np.array([conditions.noise_sigma[index] for index in band_indices])
+
+        # Sky noise, seeded by the sky and the brick so that a rerender is identical.
+        image = np.empty((len(bands), BRICK_PIXELS, BRICK_PIXELS), dtype=np.float32)
+        for out_index, band_index in enumerate(band_indices):
+            rng = np.random.default_rng([self.sky.seed, _STREAM_BRICK_NOISE, brick.brickid, band_index])
+            image[out_index] = rng.standard_normal((BRICK_PIXELS, BRICK_PIXELS), dtype=np.float32)
+            image[out_index] *= np.float32(sigma[out_index])
+
+        # Add every target whose largest possible stamp overlaps the image.
+        near = self.targets_near(brick, STAMP_MAX / 2)
+        x, y = _pixels_on(brick, self.ra[near], self.dec[near])
+        for index, column, row in zip(near, x, y, strict=True):
+            _add_stamp(image, self._stamp(self.ra[index], self.dec[index], bands), column, row)
+        logger.debug("rendered brick %s with %d targets", brick.name, near.size)
+        return image, sigma
+
+    def _stamp(self, ra: float, dec: float, bands: str) -> np.ndarray:
+        """Render the noise-free object at (ra, dec) on a stamp large enough for its profile."""
+        obj = self.sky.truth(ra, dec)
+
+        # The Sersic taper ends at 8 effective radii; add 4 PSF FWHM for the convolution.
+        reach = 8.0 * obj.r_eff + 4.0 * max(obj.psf_fwhm)
+        side = 2 * math.ceil(reach / BRICK_PIXSCALE)
+        side = int(np.clip(side, STAMP_MIN, STAMP_MAX))
+        return self.sky.render(ra, dec, side, BRICK_PIXSCALE, bands, noise=False)
+
+    def write_brick(self, brick: Brick, root: str | Path, bands: str = SKY_BANDS) -> list[Path]:
+        """Write a brick's image, invvar and maskbits files under a data-release ``root``.
+
+        Returns
+        -------
+        list of pathlib.Path
+            The files written.
+        """
+        image, sigma = self.render(brick, bands)
+        header = brick_wcs(brick).to_header()
+        header["BRICKNAM"] = (brick.name, "Brick name")
+        header["BRICKID"] = (brick.brickid, "Brick id")
+        header["SURVEY"] = self.survey
+        header["BUNIT"] = ("nanomaggy", "AB mag = 22.5 - 2.5 log10(flux)")
+
+        files = []
+        root = str(root)
+        for out_index, band in enumerate(bands):
+            band_header = header.copy()
+            band_header["BAND"] = band
+            invvar = np.full(image.shape[1:], 1.0 / sigma[out_index] ** 2, dtype=np.float32)
+            for kind, plane in (("image", image[out_index]), ("invvar", invvar)):
+                path = Path(coadd_path(root, brick, band, kind))
+                _write_compressed(path, plane, band_header, self.quantize_level, brick.brickid)
+                files.append(path)
+
+        # The simulated sky has no bright stars, bad pixels or large galaxies to mask.
+        maskbits = np.zeros(image.shape[1:], dtype=np.int32)
+        path = Path(coadd_path(root, brick, kind="maskbits"))
+        _write_compressed(path, maskbits, header, None, brick.brickid)
+        files.append(path)
+        return files
+
+    def file(self, brick: Brick, filename: str) -> Path:
+        """Return the cached path of one of a brick's files, rendering the brick if needed.
+
+        Raises
+        ------
+        FileNotFoundError
+            If the brick has no file called ``filename``.
+        """
+        with self._brick_locks[brick.name]:
+            folder = self.cache_dir / "coadd" / brick.directory / brick.name
+            if not (folder / COMPLETE_MARKER).is_file():
+                self.write_brick(brick, self.cache_dir)
+                (folder / COMPLETE_MARKER).touch()
+            self._touch(brick.name)
+        path = folder / filename
+        if not path.is_file():
+            raise FileNotFoundError(f"brick {brick.name} has no file {filename!r}")
+        return path
+
+    def _touch(self, name: str) -> None:
+        """Mark a brick as just used and delete the least recently used ones beyond the limit."""
+        with self._lock:
+            self._cached[name] = None
+            self._cached.move_to_end(name)
+            # NOTE: a file of an evicted brick that a response is still sending can vanish
+            # under it; keep max_cached above the number of bricks read at once.
+            while self._temporary and len(self._cached) > self.max_cached:
+                old, _ = self._cached.popitem(last=False)
+                brick = self._by_name[old]
+                shutil.rmtree(self.cache_dir / "coadd" / brick.directory / old, ignore_errors=True)
+                logger.debug("evicted brick %s from %s", old, self.cache_dir)
+
+
+def _pixels_on(brick: Brick, ra: np.ndarray, dec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return 0-based pixel coordinates (x, y) of positions on a brick's coadd grid."""
+    x, y = brick_wcs(brick).world_to_pixel_values(ra, dec)
+    return np.atleast_1d(np.asarray(x)), np.atleast_1d(np.asarray(y))
+
+
+def _add_stamp(image: np.ndarray, stamp: np.ndarray, x: float, y: float) -> None:
+    """Add a ``(C, s, s)`` stamp to a ``(C, H, W)`` image with its centre at pixel (x, y)."""
+    side = stamp.shape[-1]
+    corner_x, corner_y = x - (side - 1) / 2, y - (side - 1) / 2
+    start_x, start_y = math.floor(corner_x), math.floor(corner_y)
+    shift_y, shift_x = corner_y - start_y, corner_x - start_x
+    if max(shift_y, shift_x) > 1e-3:
+        stamp = _fourier_shift(stamp, shift_y, shift_x)
+
+    # Clip the stamp to the image.
+    height, width = image.shape[1:]
+    y0, x0 = max(start_y, 0), max(start_x, 0)
+    y1, x1 = min(start_y + side, height), min(start_x + side, width)
+    if y0 >= y1 or x0 >= x1:
+        return
+    image[:, y0:y1, x0:x1] += stamp[:, y0 - start_y : y1 - start_y, x0 - start_x : x1 - start_x]
+
+
+def _fourier_shift(stamp: np.ndarray, shift_y: float, shift_x: float) -> np.ndarray:
+    """Shift the last two axes of ``stamp`` by sub-pixel amounts with a Fourier phase ramp.
+
+    The stamps are PSF-convolved, so well sampled, and fall to nearly 0 at their edges, so the
+    periodic wrap of the transform moves no visible flux.
+    """
+    height, width = stamp.shape[-2:]
+    ky = np.fft.fftfreq(height)[:, None]
+    kx = np.fft.rfftfreq(width)[None, :]
+    phase = np.exp(-2j * np.pi * (ky * shift_y + kx * shift_x))
+    shifted = np.fft.irfft2(np.fft.rfft2(stamp) * phase, s=(height, width))
+    return shifted.astype(np.float32)
+
+
+def _write_compressed(
+    path: Path, data: np.ndarray, header: fits.Header, quantize_level: float | None, brickid: int
+) -> None:
+    """Write ``data`` as a tile-compressed image HDU after an empty primary HDU."""
+    if quantize_level is None or data.dtype.kind != "f":
+        hdu = fits.CompImageHDU(data, header=header, compression_type="GZIP_2", quantize_level=0)
+    else:
+        # A fixed dither seed per brick keeps the files reproducible.
+        hdu = fits.CompImageHDU(
+            data,
+            header=header,
+            compression_type="RICE_1",
+            quantize_level=quantize_level,
+            dither_seed=1 + brickid % 10000,
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(partial, overwrite=True)
+    partial.replace(path)

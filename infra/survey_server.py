@@ -5,9 +5,16 @@ and ``jpeg-cutout`` (alias ``cutout.jpg``) take ``ra``, ``dec``, ``layer``, ``pi
 ``size``, ``width``, ``height``, ``bands``, and for FITS ``invvar`` and ``maskbits``. With a
 simulated sky, ``sim/truth?ra=..&dec=..`` returns the object at a position as JSON.
 
+With a :class:`~lensminer.infra.sources.SimulatedBrickSource`, the server also serves brick
+coadds as a data release does: ``/dr9/south/coadd/<AAA>/<brick>/legacysurvey-<brick>-image-<band>.fits.fz``
+(also ``-invvar-<band>`` and ``-maskbits``) and the table ``/dr9/south/survey-bricks.fits`` of
+the bricks it covers. Brick files answer HTTP range requests; bricks outside the covered
+footprint answer 404.
+
 Run it as a process for the demo::
 
     python -m lensminer.infra.survey_server --sky --seed 0 --lens-fraction 0.05 --port 0
+    python -m lensminer.infra.survey_server --sky --bricks-catalog targets.csv
 
 It prints ``LENSMINER_SURVEY_SERVER <base URL>`` once it accepts connections and serves until
 SIGTERM or SIGINT.
@@ -33,9 +40,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import uvicorn
 from astropy.io import fits
+from astropy.table import Table
 from lensminer.infra.sources import (
     CutoutSource,
     ImageDirectorySource,
+    SimulatedBrickSource,
     SimulatedSkySource,
     cutout_wcs,
 )
@@ -43,13 +52,13 @@ from PIL import Image
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from lensminer.exceptions import SurveyServerError
 from lensminer.sky import SimulatedSky
 
-__all__ = ["FaultConfig", "create_app", "main", "serve_in_thread"]
+__all__ = ["BRICKS_PREFIX", "FaultConfig", "brick_root", "create_app", "main", "serve_in_thread"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +81,16 @@ LAYERS: dict[str, str] = {
 }
 
 READY_LINE = "LENSMINER_SURVEY_SERVER"
+
+#: URL path of the data-release directory under which brick coadds are served.
+BRICKS_PREFIX = "/dr9/south"
+
+_COADD_FILE = re.compile(r"legacysurvey-(?P<brick>\d{4}[pm]\d{3})-(?:(?:image|invvar)-[a-z]|maskbits)\.fits\.fz")
+
+
+def brick_root(base_url: str) -> str:
+    """Return the data-release root for bricks, given the server's ``.../viewer/`` base URL."""
+    return base_url.rstrip("/").removesuffix("/viewer") + BRICKS_PREFIX
 
 
 @dataclass
@@ -163,10 +182,16 @@ class _CutoutRequest:
     maskbits: bool
 
 
-def create_app(source: CutoutSource, faults: FaultConfig | None = None) -> Starlette:
-    """Build the ASGI app that serves cutouts from ``source``.
+def create_app(
+    source: CutoutSource,
+    faults: FaultConfig | None = None,
+    *,
+    bricks: SimulatedBrickSource | None = None,
+) -> Starlette:
+    """Build the ASGI app that serves cutouts from ``source``, and brick coadds from ``bricks``.
 
-    ``app.state.fault_counts`` counts the faults injected so far by kind.
+    ``app.state.fault_counts`` counts the faults injected so far by kind. Brick files get the
+    ``latency`` of ``faults`` but no injected faults.
     """
     counts: Counter[str] = Counter()
 
@@ -226,7 +251,36 @@ def create_app(source: CutoutSource, faults: FaultConfig | None = None) -> Starl
             return PlainTextResponse(str(error), status_code=400)
         return JSONResponse(obj.to_dict())
 
+    async def coadd_file(request: Request) -> Response:
+        directory, name, filename = (
+            request.path_params[key] for key in ("directory", "brick", "filename")
+        )
+        match = _COADD_FILE.fullmatch(filename)
+        brick = bricks.brick(name) if bricks is not None else None
+        if brick is None or directory != name[:3] or match is None or match["brick"] != name:
+            return PlainTextResponse(
+                f"no coadd {directory}/{name}/{filename}: the brick is outside the served "
+                "footprint or the file name is not a served coadd",
+                status_code=404,
+            )
+        if faults is not None and faults.latency:
+            await asyncio.sleep(faults.latency)
+        try:
+            path = await run_in_threadpool(bricks.file, brick, filename)  # type: ignore[union-attr]
+        except FileNotFoundError as error:
+            return PlainTextResponse(str(error), status_code=404)
+        return FileResponse(path, media_type="application/fits")
+
+    async def bricks_table(request: Request) -> Response:
+        if bricks is None:
+            return PlainTextResponse("this server serves no bricks", status_code=404)
+        buffer = io.BytesIO()
+        fits.BinTableHDU(bricks.bricks_table()).writeto(buffer)
+        return Response(buffer.getvalue(), media_type="application/fits")
+
     routes = [
+        Route(BRICKS_PREFIX + "/coadd/{directory}/{brick}/{filename}", coadd_file),
+        Route(BRICKS_PREFIX + "/survey-bricks.fits", bricks_table),
         Route("/viewer/fits-cutout", fits_cutout),
         Route("/viewer/fits-cutout/", fits_cutout),
         Route("/viewer/cutout.fits", fits_cutout),
@@ -237,6 +291,7 @@ def create_app(source: CutoutSource, faults: FaultConfig | None = None) -> Starl
     ]
     app = Starlette(routes=routes)
     app.state.source = source
+    app.state.bricks = bricks
     app.state.fault_counts = counts
     return app
 
@@ -444,6 +499,17 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--png-pixscale", type=float, help="pixel scale of the pictures in arcsec per pixel"
     )
+    parser.add_argument(
+        "--bricks-catalog",
+        metavar="CSV",
+        help="with --sky, also serve brick coadds under /dr9/south/ with a galaxy at each ra, dec "
+        "(degrees) of this table",
+    )
+    parser.add_argument(
+        "--bricks-quantize-level",
+        type=float,
+        help="write brick images with lossy RICE_1 at this quantize level (default: lossless)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the simulated sky (default 0)")
     parser.add_argument(
         "--lens-fraction",
@@ -494,11 +560,19 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
 
+    bricks = None
     try:
+        if args.bricks_catalog and not args.sky:
+            raise SurveyServerError("--bricks-catalog needs --sky: bricks are drawn from the simulated sky")
         if args.sky:
-            source: CutoutSource = SimulatedSkySource(
-                SimulatedSky(seed=args.seed, lens_fraction=args.lens_fraction)
-            )
+            sky = SimulatedSky(seed=args.seed, lens_fraction=args.lens_fraction)
+            source: CutoutSource = SimulatedSkySource(sky)
+            if args.bricks_catalog:
+                bricks = SimulatedBrickSource(
+                    sky,
+                    Table.read(args.bricks_catalog, format="ascii.csv"),
+                    quantize_level=args.bricks_quantize_level,
+                )
         else:
             source = ImageDirectorySource(
                 args.images, catalog=args.catalog, png_pixscale=args.png_pixscale
@@ -514,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
             latency=args.latency,
             seed=args.fault_seed,
         )
-    except (SurveyServerError, ValueError) as error:
+    except (SurveyServerError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
@@ -522,10 +596,14 @@ def main(argv: list[str] | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
 
-    with serve_in_thread(create_app(source, faults), host=args.host, port=args.port) as url:
-        print(f"{READY_LINE} {url}", flush=True)
-        while not stop.wait(timeout=1.0):
-            pass
+    try:
+        with serve_in_thread(create_app(source, faults, bricks=bricks), host=args.host, port=args.port) as url:
+            print(f"{READY_LINE} {url}", flush=True)
+            while not stop.wait(timeout=1.0):
+                pass
+    finally:
+        if bricks is not None:
+            bricks.close()
     return 0
 
 

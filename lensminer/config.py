@@ -18,6 +18,7 @@ from lensminer.exceptions import ConfigError
 
 __all__ = [
     "AugmentConfig",
+    "BrickConfig",
     "DownloadConfig",
     "EmbedConfig",
     "LensMinerConfig",
@@ -30,6 +31,7 @@ __all__ = [
 ]
 
 PUBLIC_CUTOUT_URL = "https://www.legacysurvey.org/viewer/"
+PUBLIC_DR9_SOUTH_URL = "https://portal.nersc.gov/cfs/cosmo/data/legacysurvey/dr9/south"
 
 
 class _Section(BaseModel):
@@ -158,6 +160,20 @@ class LensMinerConfig(_Section):
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     score: ScoreConfig = Field(default_factory=ScoreConfig)
     similarity: SimilarityConfig = Field(default_factory=SimilarityConfig)
+class BrickConfig(_Section):
+    """Brick mode: cut cutouts from the survey's brick coadds instead of the cutout service."""
+
+    root: str = Field(
+        PUBLIC_DR9_SOUTH_URL,
+        description="fsspec URL of the data-release directory that contains coadd/ (HTTP, local mirror or s3://).",
+    )
+    bricks_table: str | None = Field(
+        None, description="fsspec URL of survey-bricks.fits(.gz); None uses the computed brick grid."
+    )
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for root and bricks_table.")
+    workers: int = Field(2, ge=1, le=64, description="Shards cut at once, each holding its bricks in memory.")
+
+
     storage: StorageConfig = Field(default_factory=StorageConfig)
 
     @field_validator("run_dir")
@@ -171,6 +187,7 @@ class LensMinerConfig(_Section):
 
     @property
     def cutouts_url(self) -> str:
+    bricks: BrickConfig = Field(default_factory=BrickConfig)
         return self.url("cutouts.zarr")
 
     @property

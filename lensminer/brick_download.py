@@ -1,0 +1,559 @@
+"""Brick mode of the download stage: cut every target from the survey's brick coadds.
+
+One request per object is too slow for a whole survey, so brick mode reads each brick's coadd
+files once and cuts all of its targets at native pixels (0.262 arcsec) with
+:class:`astropy.nddata.Cutout2D` on the brick's WCS. The coadds come from any fsspec URL: the
+public HTTP data release, a local mirror or ``s3://``.
+
+The output is the cutout store of :mod:`lensminer.stores` with the same layout as cutout-service
+mode: float32 nanomaggies ``(N, C, S, S)``, FITS orientation (row 0 south, east left). Rows are
+ordered by brick (a stable sort of the target table by the brick that owns each target), so a
+shard touches few bricks; ``target_id`` identifies each row.
+
+Each target is cut from the brick that owns its position (the nearest brick centre). Pixels of
+a cutout that fall outside that brick's image are filled from the neighbouring bricks by
+bilinear interpolation onto the owning brick's pixel grid; with 3600-pixel images and 0.25-degree
+bricks this happens only for cutouts larger than about 160 pixels or targets at brick corners.
+Pixels outside every brick are 0, and a cutout that is 0 everywhere is ``NO_COVERAGE``.
+
+The shard is the unit of work: one call of :func:`cut_brick_shard` cuts and writes one shard and
+sets its ``shard_done`` flag last, so a Prefect flow can map a task over :func:`shard_bricks`.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import io
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zarr
+from astropy.io import fits
+from astropy.nddata import Cutout2D, NoOverlapError
+from astropy.table import Table
+from astropy.wcs import WCS
+from scipy import ndimage
+
+from lensminer import storage
+from lensminer.bricks import BRICK_PIXSCALE, Brick, BrickGrid, brick_wcs, coadd_path, default_grid
+from lensminer.config import BrickConfig, DownloadConfig, SurveyConfig
+from lensminer.download import DownloadSummary, _catalog_columns, _check_targets
+from lensminer.exceptions import ConfigError, StoreError
+from lensminer.stores import (
+    CutoutLayout,
+    RowStatus,
+    create_cutout_store,
+    mark_shard_done,
+    open_store,
+    shard_count,
+    shard_slice,
+)
+
+__all__ = [
+    "check_brick_survey",
+    "cut_brick_shard",
+    "download_from_bricks",
+    "load_grid",
+    "prepare_brick_store",
+    "shard_bricks",
+    "sort_by_brick",
+]
+
+logger = logging.getLogger(__name__)
+
+TOP_FAILURES = 5
+
+#: Decoded bricks kept in memory per worker; a 3-band brick is about 155 MB.
+CACHED_BRICKS = 3
+
+# Points per side of the grid sampled over a cutout to find the bricks that it overlaps.
+_FOOTPRINT_SAMPLES = 5
+
+
+def check_brick_survey(survey: SurveyConfig) -> None:
+    """Check that a survey configuration can be cut from bricks.
+
+    Raises
+    ------
+    ConfigError
+        If the pixel scale is not the coadds' 0.262 arcsec or the image format is not FITS.
+    """
+    if not math.isclose(survey.pixscale, BRICK_PIXSCALE, rel_tol=1e-6):
+        raise ConfigError(
+            f"brick mode cuts native coadd pixels of {BRICK_PIXSCALE} arcsec, but survey.pixscale is "
+            f"{survey.pixscale}; set survey.pixscale to {BRICK_PIXSCALE} or use cutout-service mode"
+        )
+    if survey.image_format != "fits":
+        raise ConfigError(
+            f"brick mode writes float32 FITS cutouts, but survey.image_format is {survey.image_format!r}; "
+            "set it to 'fits' or use cutout-service mode"
+        )
+
+
+def load_grid(bricks: BrickConfig) -> BrickGrid:
+    """Return the brick grid of ``bricks.bricks_table``, or the computed grid when it is None."""
+    if bricks.bricks_table is None:
+        return default_grid()
+    return BrickGrid.read(bricks.bricks_table, bricks.storage_options)
+
+
+def sort_by_brick(targets: Table, grid: BrickGrid) -> Table:
+    """Return ``targets`` stably sorted by the brick that owns each row, with a ``brickname`` column."""
+    index = grid.indices_for(np.asarray(targets["ra"], dtype=np.float64), np.asarray(targets["dec"], dtype=np.float64))
+    order = np.argsort(index, kind="stable")
+    ordered = targets[order]
+    ordered["brickname"] = grid.names[index[order]]
+    return ordered
+
+
+def prepare_brick_store(
+    targets: Table,
+    store_url: str,
+    survey: SurveyConfig,
+    download: DownloadConfig,
+    bricks: BrickConfig,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    grid: BrickGrid | None = None,
+) -> zarr.Group:
+    """Create (or reopen) the cutout store of a brick-mode run, with rows sorted by brick.
+
+    Raises
+    ------
+    ConfigError
+        If ``survey`` cannot be cut from bricks (see :func:`check_brick_survey`).
+    TargetError
+        If ``targets`` lacks ``target_id``, ``ra`` or ``dec``, or has no rows.
+    StoreError
+        If a store for other targets, of another kind, or written by cutout-service mode exists.
+    """
+    check_brick_survey(survey)
+    _check_targets(targets)
+    grid = grid or load_grid(bricks)
+    ordered = sort_by_brick(targets, grid)
+
+    layout = CutoutLayout(
+        bands=survey.bands,
+        size=survey.size,
+        pixscale=survey.pixscale,
+        image_format=survey.image_format,
+        layer=survey.layer,
+        service_url=bricks.root,
+    )
+    provenance = {"source": "bricks", "root": bricks.root, "bricks_table": bricks.bricks_table}
+    group = create_cutout_store(
+        store_url,
+        target_id=np.asarray(ordered["target_id"]).astype(str),
+        ra=np.asarray(ordered["ra"], dtype=np.float64),
+        dec=np.asarray(ordered["dec"], dtype=np.float64),
+        layout=layout,
+        shard_rows=download.shard_rows,
+        chunk_rows=download.chunk_rows,
+        columns=_catalog_columns(ordered, layout.channels),
+        attrs={"download": provenance},
+        storage_options=storage_options,
+    )
+    source = dict(group.attrs.get("download", {})).get("source")
+    if source != "bricks":
+        raise StoreError(
+            f"{store_url!r} was written by cutout-service mode, not from bricks; "
+            "choose another store URL for brick mode"
+        )
+    return group
+
+
+def shard_bricks(
+    store_url: str,
+    grid: BrickGrid,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    retry_failed: bool = True,
+) -> dict[int, list[str]]:
+    """Map each shard still to be cut to the names of the bricks that own its rows.
+
+    A shard is listed when its ``shard_done`` flag is not set, or, with ``retry_failed``, when
+    it is done but has FAILED rows (the whole shard is cut again).
+
+    Returns
+    -------
+    dict
+        Shard index to brick names in row order, for shards in increasing order.
+    """
+    group = open_store(store_url, "cutouts", storage_options=storage_options)
+    n_rows = int(group.attrs["n_rows"])
+    shard_rows = int(group.attrs["shard_rows"])
+    done = group["shard_done"][:]
+    status = group["status"][:] if retry_failed and done.any() else None
+    owners = grid.names[grid.indices_for(group["ra"][:], group["dec"][:])]
+
+    work: dict[int, list[str]] = {}
+    for index in range(shard_count(n_rows, shard_rows)):
+        rows = shard_slice(index, n_rows, shard_rows)
+        failed = status is not None and bool(np.any(status[rows] == RowStatus.FAILED))
+        if not done[index] or failed:
+            work[index] = list(dict.fromkeys(owners[rows].tolist()))
+    return work
+
+
+@dataclass
+class _Coadd:
+    """The decoded image files of one brick: ``(C, H, W)`` float32 nanomaggies and the WCS."""
+
+    name: str
+    data: np.ndarray
+    wcs: WCS
+    missing_bands: str
+
+
+class _BrickReader:
+    """Reader of brick coadds with a small LRU of decoded bricks, used by one thread at a time."""
+
+    def __init__(self, bricks: BrickConfig, bands: str, grid: BrickGrid) -> None:
+        self.root = bricks.root
+        self.fs, self.root_path = storage.filesystem(bricks.root, bricks.storage_options)
+        self.bands = bands
+        self.grid = grid
+        self.files_read = 0
+        self._cache: collections.OrderedDict[str, _Coadd | None] = collections.OrderedDict()
+
+    def get(self, name: str) -> _Coadd | None:
+        """Return the brick called ``name``, or None when none of its band files exists.
+
+        Raises
+        ------
+        OSError
+            If a file exists but cannot be read or decoded.
+        """
+        if name in self._cache:
+            self._cache.move_to_end(name)
+            return self._cache[name]
+        coadd = self._read(name)
+        self._cache[name] = coadd
+        while len(self._cache) > CACHED_BRICKS:
+            self._cache.popitem(last=False)
+        return coadd
+
+    def _read(self, name: str) -> _Coadd | None:
+        planes: list[np.ndarray | None] = []
+        wcs = None
+        missing = ""
+        for band in self.bands:
+            path = coadd_path(self.root_path, name, band, "image")
+            try:
+                with self.fs.open(path, "rb") as handle:
+                    content = handle.read()
+            except FileNotFoundError:
+                logger.debug("no %s-band image of brick %s at %s", band, name, path)
+                planes.append(None)
+                missing += band
+                continue
+            self.files_read += 1
+            data, header = _decode_image(content, path)
+            planes.append(data)
+            wcs = wcs or WCS(header, naxis=2)
+
+        if wcs is None:
+            logger.debug("brick %s not found under %s", name, self.root)
+            return None
+        shape = next(plane.shape for plane in planes if plane is not None)
+        cube = np.stack([plane if plane is not None else np.zeros(shape, np.float32) for plane in planes])
+        logger.debug("read brick %s (%s) from %s", name, self.bands, self.root)
+        return _Coadd(name, cube, wcs, missing)
+
+
+def _decode_image(content: bytes, path: str) -> tuple[np.ndarray, fits.Header]:
+    """Decode the first image HDU of a (tile-compressed) FITS file into native float32."""
+    try:
+        with fits.open(io.BytesIO(content)) as hdus:
+            hdu = next((hdu for hdu in hdus if hdu.is_image and hdu.data is not None), None)
+            if hdu is None:
+                raise OSError(f"{path} has no image HDU")
+            return np.asarray(hdu.data, dtype=np.float32), hdu.header.copy()
+    except (ValueError, TypeError) as error:
+        raise OSError(f"cannot decode {path} as a FITS image: {error}") from error
+
+
+def _cut_from(coadd: _Coadd, ra: float, dec: float, size: int) -> tuple[np.ndarray, WCS]:
+    """Cut a ``(C, size, size)`` cutout at native pixels; pixels outside the brick are NaN."""
+    x, y = coadd.wcs.world_to_pixel_values(ra, dec)
+    cube = np.full((coadd.data.shape[0], size, size), np.nan, dtype=np.float32)
+    try:
+        cutout = Cutout2D(coadd.data[0], (float(x), float(y)), size, wcs=coadd.wcs, mode="partial", fill_value=np.nan, copy=False)
+    except NoOverlapError:
+        return cube, _window_wcs(coadd.wcs, float(x), float(y), size)
+    cube[(slice(None), *cutout.slices_cutout)] = coadd.data[(slice(None), *cutout.slices_original)]
+    return cube, cutout.wcs
+
+
+def _fill_from(cube: np.ndarray, cube_wcs: WCS, coadd: _Coadd) -> None:
+    """Fill NaN pixels of ``cube`` by bilinear interpolation of another brick's image."""
+    rows, columns = np.nonzero(np.isnan(cube[0]))
+    ra, dec = cube_wcs.pixel_to_world_values(columns, rows)
+    x, y = coadd.wcs.world_to_pixel_values(ra, dec)
+    height, width = coadd.data.shape[1:]
+    inside = (x >= -0.5) & (x <= width - 0.5) & (y >= -0.5) & (y <= height - 0.5)
+    if not inside.any():
+        return
+    rows, columns, x, y = rows[inside], columns[inside], x[inside], y[inside]
+    for band, plane in enumerate(coadd.data):
+        cube[band, rows, columns] = ndimage.map_coordinates(plane, [y, x], order=1, mode="nearest")
+
+
+def _footprint_bricks(cube_wcs: WCS, size: int, grid: BrickGrid) -> list[str]:
+    """Return the names of the bricks that own points spread over a cutout's footprint."""
+    samples = np.linspace(-0.5, size - 0.5, _FOOTPRINT_SAMPLES)
+    columns, rows = np.meshgrid(samples, samples)
+    ra, dec = cube_wcs.pixel_to_world_values(columns.ravel(), rows.ravel())
+    return list(dict.fromkeys(grid.names[grid.indices_for(ra, dec)].tolist()))
+
+
+@dataclass
+class _RowOutcome:
+    status: RowStatus
+    reason: str = ""
+
+
+def _cut_row(
+    reader: _BrickReader, owner: str, ra: float, dec: float, size: int, out: np.ndarray
+) -> _RowOutcome:
+    """Cut one target into ``out`` (C, size, size) from its owning brick and its neighbours."""
+    try:
+        coadd = reader.get(owner)
+    except OSError as error:
+        return _RowOutcome(RowStatus.FAILED, f"reading brick {owner} failed: {error}")
+
+    if coadd is not None:
+        cube, cube_wcs = _cut_from(coadd, ra, dec, size)
+    else:
+        # Without the owning brick, use its nominal grid to collect pixels from neighbours.
+        cube_wcs = _nominal_cutout_wcs(reader.grid.by_name(owner), ra, dec, size)
+        cube = np.full(out.shape, np.nan, dtype=np.float32)
+
+    # Fill pixels beyond the owning brick's image from the neighbouring bricks.
+    if np.isnan(cube[0]).any():
+        for name in _footprint_bricks(cube_wcs, size, reader.grid):
+            if name == owner:
+                continue
+            try:
+                neighbour = reader.get(name)
+            except OSError as error:
+                return _RowOutcome(RowStatus.FAILED, f"reading brick {name} failed: {error}")
+            if neighbour is not None:
+                _fill_from(cube, cube_wcs, neighbour)
+            if not np.isnan(cube[0]).any():
+                break
+
+    np.nan_to_num(cube, copy=False, nan=0.0)
+    out[:] = cube
+    if not cube.any():
+        where = "" if coadd is not None else f" (brick {owner} not found under {reader.root})"
+        return _RowOutcome(RowStatus.NO_COVERAGE, f"no coverage: every pixel is 0{where}")
+    return _RowOutcome(RowStatus.OK)
+
+
+def _window_wcs(wcs: WCS, x: float, y: float, size: int) -> WCS:
+    """Return the WCS of the ``size``-pixel window that Cutout2D would cut around pixel (x, y)."""
+    window = wcs.deepcopy()
+    window.wcs.crpix = window.wcs.crpix - [math.ceil(x - size / 2), math.ceil(y - size / 2)]
+    window.pixel_shape = (size, size)
+    return window
+
+
+def _nominal_cutout_wcs(brick: Brick, ra: float, dec: float, size: int) -> WCS:
+    """Return the cutout WCS on the nominal coadd grid of a brick whose files are missing."""
+    wcs = brick_wcs(brick)
+    x, y = wcs.world_to_pixel_values(ra, dec)
+    return _window_wcs(wcs, float(x), float(y), size)
+
+
+def cut_brick_shard(
+    store_url: str,
+    index: int,
+    survey: SurveyConfig,
+    bricks: BrickConfig,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    grid: BrickGrid | None = None,
+    reader: _BrickReader | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, int]:
+    """Cut every row of one shard from the brick coadds, write the shard and mark it done.
+
+    Parameters
+    ----------
+    store_url
+        Cutout store made by :func:`prepare_brick_store`.
+    index
+        Shard index.
+    survey, bricks
+        Cutout size and bands, and where the coadds are.
+    storage_options
+        fsspec options of the store.
+    grid
+        Brick grid; read from ``bricks`` when None.
+    progress
+        Called with the number of rows just cut.
+
+    Returns
+    -------
+    dict
+        Rows of the shard by status name.
+    """
+    check_brick_survey(survey)
+    grid = grid or load_grid(bricks)
+    reader = reader or _BrickReader(bricks, survey.bands, grid)
+    group = open_store(store_url, "cutouts", mode="r+", storage_options=storage_options)
+    n_rows, shard_rows = int(group.attrs["n_rows"]), int(group.attrs["shard_rows"])
+    rows = shard_slice(index, n_rows, shard_rows)
+    ra, dec = group["ra"][rows], group["dec"][rows]
+    owners = grid.names[grid.indices_for(ra, dec)]
+
+    # Cut the rows brick by brick; the rows are sorted by brick, so each brick is read once.
+    n = rows.stop - rows.start
+    images = np.zeros((n, *group["images"].shape[1:]), dtype=np.float32)
+    status = np.zeros(n, dtype=np.uint8)
+    reason = np.full(n, "", dtype=object)
+    for offset in np.argsort(owners, kind="stable"):
+        outcome = _cut_row(reader, str(owners[offset]), float(ra[offset]), float(dec[offset]), survey.size, images[offset])
+        status[offset], reason[offset] = int(outcome.status), outcome.reason
+        if progress is not None:
+            progress(1)
+
+    # The flag goes down before and up after the arrays, so a crash leaves the shard pending.
+    flags = group["shard_done"]
+    if flags[index]:
+        flags[index] = False
+    group["images"][rows] = images
+    group["status"][rows] = status
+    group["reason"][rows] = reason.astype(str)
+    mark_shard_done(group, index)
+    logger.debug("cut shard %d (rows %d-%d) from %d bricks", index, rows.start, rows.stop - 1, len(set(owners)))
+    return {member.name: int(np.count_nonzero(status == member)) for member in RowStatus}
+
+
+def download_from_bricks(
+    targets: Table,
+    store_url: str,
+    survey: SurveyConfig,
+    download: DownloadConfig,
+    bricks: BrickConfig,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    retry_failed: bool = True,
+) -> DownloadSummary:
+    """Cut a cutout for every target from brick coadds into a Zarr cutout store, resuming a run.
+
+    Parameters
+    ----------
+    targets
+        Table with ``target_id`` (str), ``ra`` and ``dec`` (float64 degrees); ``label``, ``ebv``
+        and ``psfsize_g/r/z`` are copied as in :func:`lensminer.download.download_cutouts`.
+    store_url
+        Local path or fsspec URL of the store. Its rows are the targets sorted by brick.
+    survey
+        Bands and cutout size in pixels; ``pixscale`` must be 0.262 and ``image_format`` fits.
+    download
+        Shard and chunk sizes of a new store.
+    bricks
+        Root URL of the coadds, optional brick table, their fsspec options and the number of
+        shards cut at once.
+    storage_options
+        fsspec options of the store.
+    progress
+        Called as ``progress(done_rows, total_rows)`` at the start and after every cut row,
+        from the worker threads (one call at a time).
+    retry_failed
+        Cut again the done shards that have FAILED rows.
+
+    Returns
+    -------
+    DownloadSummary
+        Row counts over the whole store; ``requests`` counts the coadd files read.
+
+    Raises
+    ------
+    ConfigError
+        If the survey settings cannot be cut from bricks, or the brick table is invalid.
+    TargetError
+        If ``targets`` lacks the standard columns or has no rows.
+    StoreError
+        If an incompatible store exists at ``store_url``.
+    """
+    started = time.perf_counter()
+    grid = load_grid(bricks)
+    group = prepare_brick_store(
+        targets, store_url, survey, download, bricks, storage_options=storage_options, grid=grid
+    )
+    n_rows = int(group.attrs["n_rows"])
+    shard_rows = int(group.attrs["shard_rows"])
+    n_shards = shard_count(n_rows, shard_rows)
+    work = shard_bricks(store_url, grid, storage_options=storage_options, retry_failed=retry_failed)
+    n_bricks = len({name for names in work.values() for name in names})
+    logger.info(
+        "cutting %d shards (%d bricks) from %s into %s (%d shards already done)",
+        len(work), n_bricks, bricks.root, store_url, n_shards - len(work),
+    )
+
+    # Progress over rows, shared by the worker threads.
+    to_cut = sum(len(range(n_rows)[shard_slice(index, n_rows, shard_rows)]) for index in work)
+    done_rows = n_rows - to_cut
+    lock = threading.Lock()
+    if progress is not None:
+        progress(done_rows, n_rows)
+
+    def advance(count: int) -> None:
+        nonlocal done_rows
+        with lock:
+            done_rows += count
+            if progress is not None:
+                progress(done_rows, n_rows)
+
+    # Each worker thread keeps its own reader, so consecutive shards reuse a decoded brick.
+    local = threading.local()
+    readers: list[_BrickReader] = []
+
+    def run(index: int) -> None:
+        if not hasattr(local, "reader"):
+            local.reader = _BrickReader(bricks, survey.bands, grid)
+            with lock:
+                readers.append(local.reader)
+        cut_brick_shard(
+            store_url, index, survey, bricks,
+            storage_options=storage_options, grid=grid, reader=local.reader, progress=advance,
+        )
+
+    with concurrent.futures.ThreadPoolExecutor(bricks.workers, thread_name_prefix="lensminer-bricks") as pool:
+        for future in [pool.submit(run, index) for index in work]:
+            future.result()
+
+    # Summarise over the whole store and record the run in its attributes.
+    status = group["status"][:]
+    counts = {member.name: int(np.count_nonzero(status == member)) for member in RowStatus}
+    failed = status == RowStatus.FAILED
+    reasons = collections.Counter(group["reason"][:][failed].tolist()) if failed.any() else collections.Counter()
+    summary = DownloadSummary(
+        store_url=store_url,
+        n_rows=n_rows,
+        counts=counts,
+        top_failures=reasons.most_common(TOP_FAILURES),
+        shards_written=len(work),
+        shards_skipped=n_shards - len(work),
+        seconds=time.perf_counter() - started,
+        requests=sum(reader.files_read for reader in readers),
+    )
+    group.attrs["download"] = {**dict(group.attrs.get("download", {})), "counts": counts}
+    if counts["FAILED"]:
+        logger.warning(
+            "%d of %d cutouts failed in %s (top reasons %s); rerun to retry them",
+            counts["FAILED"], n_rows, store_url, summary.top_failures,
+        )
+    logger.info("cutout store %s: %s in %.1f s", store_url, counts, summary.seconds)
+    return summary
