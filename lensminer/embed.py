@@ -78,7 +78,9 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"embed.device is {device!r} but torch finds no CUDA device; set it to 'cpu' or 'auto'")
+        raise ConfigError(
+            f"embed.device is {device!r} but torch finds no CUDA device; set it to 'cpu' or 'auto'"
+        )
     return torch.device(device)
 
 
@@ -92,7 +94,9 @@ def load_cached_encoder(
     """
     from lensminer.models.encoder import load_encoder
 
-    fs, path = storage.filesystem(encoder_url, storage_options if storage.is_remote(encoder_url) else None)
+    fs, path = storage.filesystem(
+        encoder_url, storage_options if storage.is_remote(encoder_url) else None
+    )
     try:
         checksum = str(fs.checksum(path))
     except FileNotFoundError as error:
@@ -147,7 +151,8 @@ def prepare_embedding_store(
     encoder = load_cached_encoder(encoder_url, device="cpu", storage_options=storage_options)
     if augment is not None and augment.crop_size != encoder.input_size:
         raise ConfigError(
-            f"augment.crop_size is {augment.crop_size} but the encoder {encoder_url!r} was trained on "
+            f"augment.crop_size is {augment.crop_size} but the encoder {encoder_url!r} was "
+            "trained on "
             f"{encoder.input_size} px inputs; set augment.crop_size to {encoder.input_size}"
         )
     shard_rows = int(cutouts.attrs["shard_rows"])
@@ -180,7 +185,9 @@ def prepare_embedding_store(
             )
 
     pending = stores.pending_shards(group)
-    logger.debug("%s: %d of %d shards pending", embeddings_url, len(pending), group["shard_done"].shape[0])
+    logger.debug(
+        "%s: %d of %d shards pending", embeddings_url, len(pending), group["shard_done"].shape[0]
+    )
     return pending
 
 
@@ -201,12 +208,20 @@ def _embed_images(
     for start in range(0, images.shape[0], embed.batch_size):
         batch = images[start : start + embed.batch_size]
         view = evaluation_view(
-            torch.from_numpy(batch), image_format=image_format, bands=bands, crop_size=augment.crop_size, config=augment
+            torch.from_numpy(batch),
+            image_format=image_format,
+            bands=bands,
+            crop_size=augment.crop_size,
+            config=augment,
         )
         x = view.to(device).contiguous(memory_format=torch.channels_last)
 
         # bf16 autocast runs only on CUDA, so CPU embeddings stay float32 and reproducible.
-        with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        # NOTE: the CUDA branch has not been run by the tests, which are CPU only.
+        with (
+            torch.inference_mode(),
+            torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"),
+        ):
             representation, projection = encoder(x)
         representations.append(representation.float().cpu().numpy())
         projections.append(projection.float().cpu().numpy())
@@ -240,8 +255,12 @@ def embed_shard(
         returned NaN or infinite values.
     """
     cutouts = stores.open_store(cutouts_url, "cutouts", storage_options=storage_options)
-    embeddings = stores.open_store(embeddings_url, "embeddings", mode="r+", storage_options=storage_options)
-    rows = stores.shard_slice(shard_index, int(cutouts.attrs["n_rows"]), int(cutouts.attrs["shard_rows"]))
+    embeddings = stores.open_store(
+        embeddings_url, "embeddings", mode="r+", storage_options=storage_options
+    )
+    rows = stores.shard_slice(
+        shard_index, int(cutouts.attrs["n_rows"]), int(cutouts.attrs["shard_rows"])
+    )
 
     # Read the shard.
     images = cutouts["images"][rows]
@@ -256,14 +275,22 @@ def embed_shard(
     projection = np.zeros((n_read, embeddings["projection"].shape[1]), dtype=dtype)
     if ok.any():
         device = resolve_device(embed.device)
-        encoder = load_cached_encoder(encoder_url, device=str(device), storage_options=storage_options)
+        encoder = load_cached_encoder(
+            encoder_url, device=str(device), storage_options=storage_options
+        )
         rep, proj = _embed_images(
-            encoder, images[ok], image_format=cutouts.attrs["image_format"], bands=cutouts.attrs["bands"],
-            embed=embed, augment=augment, device=device,
+            encoder,
+            images[ok],
+            image_format=cutouts.attrs["image_format"],
+            bands=cutouts.attrs["bands"],
+            embed=embed,
+            augment=augment,
+            device=device,
         )
         if not (np.isfinite(rep).all() and np.isfinite(proj).all()):
             raise StoreError(
-                f"the encoder {encoder_url!r} returned NaN or infinite values in shard {shard_index}; "
+                f"the encoder {encoder_url!r} returned NaN or infinite values in shard "
+                f"{shard_index}; "
                 "check the encoder and the cutouts of that shard"
             )
         representation[ok] = rep
@@ -278,19 +305,30 @@ def embed_shard(
     written_valid = embeddings["valid"][rows]
     if written_ids.shape[0] != n_read or written_valid.shape[0] != n_read:
         raise StoreError(
-            f"shard {shard_index} of {embeddings_url!r}: read {n_read} rows but {written_valid.shape[0]} "
-            "were written; the embedding store does not match the cutout store, rerun prepare_embedding_store"
+            f"shard {shard_index} of {embeddings_url!r}: read {n_read} rows but "
+            f"{written_valid.shape[0]} were written; the embedding store does not match the "
+            "cutout store, so rerun prepare_embedding_store"
         )
     if written_ids.tolist() != target_id.tolist():
         raise StoreError(
-            f"shard {shard_index} of {embeddings_url!r}: target ids differ from the cutout store's; "
+            f"shard {shard_index} of {embeddings_url!r}: target ids differ from the cutout "
+            "store's; "
             "the stores belong to different target lists"
         )
     if not np.array_equal(written_valid, ok):
-        raise StoreError(f"shard {shard_index} of {embeddings_url!r}: the valid flags did not read back as written")
+        raise StoreError(
+            f"shard {shard_index} of {embeddings_url!r}: the valid flags did not read back as "
+            "written"
+        )
 
     stores.mark_shard_done(embeddings, shard_index)
-    logger.debug("embedded shard %d of %s: %d of %d rows valid", shard_index, embeddings_url, int(ok.sum()), n_read)
+    logger.debug(
+        "embedded shard %d of %s: %d of %d rows valid",
+        shard_index,
+        embeddings_url,
+        int(ok.sum()),
+        n_read,
+    )
     return int(ok.sum())
 
 
@@ -352,7 +390,12 @@ def embed_cutouts(
     """
     started = time.perf_counter()
     pending = prepare_embedding_store(
-        cutouts_url, encoder_url, embeddings_url, embed, augment=augment, storage_options=storage_options
+        cutouts_url,
+        encoder_url,
+        embeddings_url,
+        embed,
+        augment=augment,
+        storage_options=storage_options,
     )
     args = (cutouts_url, encoder_url, embeddings_url, embed, augment, storage_options)
 
@@ -363,7 +406,15 @@ def embed_cutouts(
         _run_shards(client, pending, *args)
     elif scheduler == "synchronous":
         for index in pending:
-            embed_shard(cutouts_url, encoder_url, embeddings_url, index, embed, augment, storage_options=storage_options)
+            embed_shard(
+                cutouts_url,
+                encoder_url,
+                embeddings_url,
+                index,
+                embed,
+                augment,
+                storage_options=storage_options,
+            )
     elif scheduler == "local":
         from distributed import Client, LocalCluster
 
@@ -401,7 +452,12 @@ def embed_cutouts(
     )
     logger.info(
         "embedded %s: %d rows, %d valid, %d shards written, %d already done, %.1f s",
-        embeddings_url, summary.n_rows, summary.n_valid, summary.shards_written, summary.shards_skipped, summary.seconds,
+        embeddings_url,
+        summary.n_rows,
+        summary.n_valid,
+        summary.shards_written,
+        summary.shards_skipped,
+        summary.seconds,
     )
     return summary
 
@@ -432,7 +488,8 @@ def verify_embedding_store(
     n_rows = int(cutouts.attrs["n_rows"])
     if embeddings["target_id"].shape[0] != n_rows:
         raise StoreError(
-            f"{embeddings_url!r} has {embeddings['target_id'].shape[0]} rows, the cutout store {cutouts_url!r} "
+            f"{embeddings_url!r} has {embeddings['target_id'].shape[0]} rows, the cutout store "
+            f"{cutouts_url!r} "
             f"has {n_rows}; delete the embedding store and embed again"
         )
 
@@ -444,7 +501,8 @@ def verify_embedding_store(
         rows = slice(start, min(start + block, n_rows))
         if embeddings["target_id"][rows].tolist() != cutouts["target_id"][rows].tolist():
             raise StoreError(
-                f"target ids of {embeddings_url!r} differ from {cutouts_url!r} in rows {rows.start}-{rows.stop - 1}; "
+                f"target ids of {embeddings_url!r} differ from {cutouts_url!r} in rows "
+                f"{rows.start}-{rows.stop - 1}; "
                 "the stores belong to different target lists"
             )
         valid = embeddings["valid"][rows]
@@ -452,8 +510,9 @@ def verify_embedding_store(
         if not np.array_equal(valid, ok):
             first = rows.start + int(np.flatnonzero(valid != ok)[0])
             raise StoreError(
-                f"{embeddings_url!r}: valid flags differ from the cutout status (first at row {first}); "
-                "the cutout store changed after embedding, so delete the embedding store and embed again"
+                f"{embeddings_url!r}: valid flags differ from the cutout status (first at row "
+                f"{first}); the cutout store changed after embedding, so delete the embedding "
+                "store and embed again"
             )
         n_valid += int(valid.sum())
 

@@ -50,12 +50,16 @@ def cutouts_to_display(images: np.ndarray, *, image_format: str, bands: str) -> 
 
     if image_format == "fits":
         # fits_to_picture flips FITS rows (row 0 south) so that north is up.
-        return np.stack([fits_to_picture(image, bands) for image in np.asarray(images, dtype=np.float32)])
+        return np.stack(
+            [fits_to_picture(image, bands) for image in np.asarray(images, dtype=np.float32)]
+        )
 
     raise ValueError(f"image_format must be 'fits' or 'jpeg', got {image_format!r}")
 
 
-def render_grid(tiles: np.ndarray, captions: Sequence[str], *, columns: int | None = None) -> Image.Image:
+def render_grid(
+    tiles: np.ndarray, captions: Sequence[str], *, columns: int | None = None
+) -> Image.Image:
     """Draw cutouts in a grid with a caption strip under each tile.
 
     Parameters
@@ -74,9 +78,13 @@ def render_grid(tiles: np.ndarray, captions: Sequence[str], *, columns: int | No
         nearest-neighbour sampling so that single pixels stay visible.
     """
     if tiles.ndim != 4 or tiles.shape[-1] != 3 or tiles.dtype != np.uint8:
-        raise ValueError(f"tiles must be uint8 of shape (B, H, W, 3), got {tiles.dtype} {tiles.shape}")
+        raise ValueError(
+            f"tiles must be uint8 of shape (B, H, W, 3), got {tiles.dtype} {tiles.shape}"
+        )
     if len(captions) != tiles.shape[0]:
-        raise ValueError(f"got {len(captions)} captions for {tiles.shape[0]} tiles; pass one caption per tile")
+        raise ValueError(
+            f"got {len(captions)} captions for {tiles.shape[0]} tiles; pass one caption per tile"
+        )
     if tiles.shape[0] == 0:
         raise ValueError("cannot draw a grid of 0 tiles")
 
@@ -129,7 +137,9 @@ def write_candidate_grid(
     """
     rows = np.asarray(rows, dtype=np.int64)
     if rows.shape[0] != len(scores):
-        raise ValueError(f"got {len(scores)} scores for {rows.shape[0]} rows; pass one score per row")
+        raise ValueError(
+            f"got {len(scores)} scores for {rows.shape[0]} rows; pass one score per row"
+        )
 
     group = stores.open_store(cutouts_url, "cutouts", storage_options=storage_options)
     attrs = group.attrs.asdict()

@@ -99,7 +99,9 @@ def precision_at_k(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
     return float(np.asarray(labels)[top].mean())
 
 
-def recall_in_top_fraction(scores: np.ndarray, labels: np.ndarray, fraction: float = TOP_FRACTION) -> float:
+def recall_in_top_fraction(
+    scores: np.ndarray, labels: np.ndarray, fraction: float = TOP_FRACTION
+) -> float:
     """Return the share of lenses ranked within the top ``fraction`` of rows.
 
     The top contains ``ceil(fraction * N)`` rows, at least one.
@@ -133,19 +135,24 @@ def ranking_metrics(scores: np.ndarray, labels: np.ndarray, *, top_k: int) -> di
 def _read_labels(cutouts: Any, cutouts_url: str, label_column: str) -> np.ndarray:
     if "label" not in cutouts.array_keys():
         raise StoreError(
-            f"the cutout store {cutouts_url!r} has no 'label' array because its target table had no "
-            f"{label_column!r} column; add that column (1 lens, 0 non-lens, -1 or blank unknown) to the "
-            "target table, or set score.label_column to the column that has the labels, and build the "
+            f"the cutout store {cutouts_url!r} has no 'label' array because its target table "
+            f"had no {label_column!r} column; add that column (1 lens, 0 non-lens, -1 or blank "
+            "unknown) to the target table, or set score.label_column to the column that has the "
+            "labels, and build the "
             "cutout store again"
         )
     labels = cutouts["label"][:].astype(np.int64)
     unknown = np.setdiff1d(np.unique(labels), [-1, 0, 1])
     if unknown.size:
-        raise StoreError(f"'label' in {cutouts_url!r} contains {unknown.tolist()}; expected 1, 0 or -1")
+        raise StoreError(
+            f"'label' in {cutouts_url!r} contains {unknown.tolist()}; expected 1, 0 or -1"
+        )
     return labels
 
 
-def _split(labelled_rows: np.ndarray, labels: np.ndarray, score: ScoreConfig) -> tuple[np.ndarray, np.ndarray]:
+def _split(
+    labelled_rows: np.ndarray, labels: np.ndarray, score: ScoreConfig
+) -> tuple[np.ndarray, np.ndarray]:
     """Split labelled row numbers into stratified (train, test) parts."""
     counts = np.bincount(labels, minlength=2)
     if counts.min() < 2:
@@ -153,9 +160,18 @@ def _split(labelled_rows: np.ndarray, labels: np.ndarray, score: ScoreConfig) ->
             f"a stratified split needs at least 2 lenses and 2 non-lenses among valid rows, got "
             f"{counts[1]} and {counts[0]}; label more targets"
         )
-    train, test = train_test_split(
-        labelled_rows, test_size=score.test_fraction, stratify=labels, random_state=score.seed
-    )
+    try:
+        train, test = train_test_split(
+            labelled_rows, test_size=score.test_fraction, stratify=labels, random_state=score.seed
+        )
+    except ValueError as error:
+        # scikit-learn rejects splits that leave a class out of either part.
+        raise StoreError(
+            f"cannot split {labels.size} labelled rows ({counts[1]} lenses) with "
+            f"score.test_fraction={score.test_fraction} so that both parts contain both classes: "
+            f"{error}; label more targets "
+            "or change score.test_fraction"
+        ) from error
     return np.sort(train), np.sort(test)
 
 
@@ -184,7 +200,8 @@ def score_embeddings(
     embeddings_url
         Complete embedding store of that cutout store.
     out_dir
-        fsspec URL of the folder for ``candidates.csv``, ``metrics.json`` and ``top_candidates.png``.
+        fsspec URL of the folder for ``candidates.csv``, ``metrics.json`` and
+        ``top_candidates.png``.
     embedding
         ``"representation"`` or ``"projection"``.
 
@@ -229,12 +246,16 @@ def score_embeddings(
         rows = stores.shard_slice(index, n_rows, shard_rows)
         shard_valid = valid[rows]
         if shard_valid.any():
-            probability[rows.start + np.flatnonzero(shard_valid)] = probe.predict_proba(features[rows][shard_valid])
+            probability[rows.start + np.flatnonzero(shard_valid)] = probe.predict_proba(
+                features[rows][shard_valid]
+            )
     scored = np.flatnonzero(valid)
     ranked = scored[_ranking(probability[scored])]
 
     # Metrics on the held-out split.
-    metrics: dict[str, Any] = ranking_metrics(probability[test_rows], labels[test_rows], top_k=score.top_k)
+    metrics: dict[str, Any] = ranking_metrics(
+        probability[test_rows], labels[test_rows], top_k=score.top_k
+    )
     metrics.update(
         {
             "n_rows": int(n_rows),
@@ -250,6 +271,8 @@ def score_embeddings(
     )
 
     # Candidate table, best first.
+    # NOTE: the table lists every valid row, so a survey-scale store gives a CSV of tens of GB;
+    # a top-k cut or a Parquet output may suit that scale better.
     split = np.full(n_rows, "unlabelled", dtype="<U10")
     split[train_rows] = "train"
     split[test_rows] = "test"
@@ -287,10 +310,15 @@ def score_embeddings(
     _write_text(candidates_url, buffer.getvalue(), storage_options)
     _write_text(metrics_url, json.dumps(metrics, indent=2) + "\n", storage_options)
     top = ranked[: score.grid_size]
-    plots.write_candidate_grid(cutouts_url, top, probability[top].tolist(), grid_url, storage_options=storage_options)
+    plots.write_candidate_grid(
+        cutouts_url, top, probability[top].tolist(), grid_url, storage_options=storage_options
+    )
 
     logger.info(
         "scored %d rows; test ROC AUC %.3f, recall in top 5%% %.3f; wrote %s",
-        scored.size, metrics["roc_auc"], metrics["recall_in_top_5_percent"], out_dir,
+        scored.size,
+        metrics["roc_auc"],
+        metrics["recall_in_top_5_percent"],
+        out_dir,
     )
     return ScoreResult(candidates_url, grid_url, metrics_url, metrics, int(scored.size))

@@ -79,7 +79,9 @@ def build_index(
     vectors = group[similarity.embedding]
     valid = group["valid"][:]
     if not valid.any():
-        raise StoreError(f"{embeddings_url!r} has no valid rows to index; check the cutout store's status")
+        raise StoreError(
+            f"{embeddings_url!r} has no valid rows to index; check the cutout store's status"
+        )
 
     # Add normalised vectors block by block under their row numbers.
     index = faiss.IndexIDMap(faiss.IndexFlatIP(vectors.shape[1]))
@@ -102,11 +104,19 @@ def build_index(
     with _open(_metadata_url(index_url), "w", storage_options) as handle:
         json.dump(metadata, handle, indent=2)
 
-    logger.debug("indexed %d %s vectors of %s into %s", index.ntotal, similarity.embedding, embeddings_url, index_url)
+    logger.debug(
+        "indexed %d %s vectors of %s into %s",
+        index.ntotal,
+        similarity.embedding,
+        embeddings_url,
+        index_url,
+    )
     return int(index.ntotal)
 
 
-def _load_index(index_url: str, storage_options: dict[str, Any] | None) -> tuple[faiss.Index, dict[str, Any]]:
+def _load_index(
+    index_url: str, storage_options: dict[str, Any] | None
+) -> tuple[faiss.Index, dict[str, Any]]:
     try:
         with _open(index_url, "rb", storage_options) as handle:
             data = np.frombuffer(handle.read(), dtype=np.uint8)
@@ -128,8 +138,9 @@ def _resolve_position(
     nearest = int(np.argmin(separation))
     if separation[nearest] > max_separation_arcsec:
         raise ValueError(
-            f"no embedded object within {max_separation_arcsec} arcsec of ra={ra}, dec={dec}; the nearest "
-            f"(row {rows[nearest]}) is {separation[nearest]:.1f} arcsec away. Pass its row, or check the coordinates"
+            f"no embedded object within {max_separation_arcsec} arcsec of ra={ra}, dec={dec}; "
+            f"the nearest (row {rows[nearest]}) is {separation[nearest]:.1f} arcsec away. "
+            "Pass its row, or check the coordinates"
         )
     return int(rows[nearest])
 
@@ -188,7 +199,8 @@ def find_similar(
     valid = embeddings["valid"][:]
     if metadata["n_rows"] != valid.shape[0]:
         raise StoreError(
-            f"the index {index_url!r} was built from {metadata['n_rows']} rows but {embeddings_url!r} has "
+            f"the index {index_url!r} was built from {metadata['n_rows']} rows but "
+            f"{embeddings_url!r} has "
             f"{valid.shape[0]}; build the index again"
         )
 
@@ -199,12 +211,18 @@ def find_similar(
     if not 0 <= row < valid.shape[0]:
         raise ValueError(f"row {row} is out of range for a store of {valid.shape[0]} rows")
     if not valid[row]:
-        raise ValueError(f"row {row} has no embedding because its cutout is not OK; query another row")
+        raise ValueError(
+            f"row {row} has no embedding because its cutout is not OK; query another row"
+        )
 
     # Search one extra neighbour, because the query itself is usually the first hit.
     query = l2_normalise(embeddings[metadata["embedding"]][row : row + 1])
     similarity, ids = index.search(query, min(k + 1, index.ntotal))
-    hits = [(int(i), float(s)) for i, s in zip(ids[0], similarity[0], strict=True) if i >= 0 and i != row][:k]
+    hits = [
+        (int(i), float(s))
+        for i, s in zip(ids[0], similarity[0], strict=True)
+        if i >= 0 and i != row
+    ][:k]
 
     rows = np.array([i for i, _ in hits], dtype=np.int64)
     table = Table(

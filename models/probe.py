@@ -40,7 +40,7 @@ class LinearProbe(nn.Module):
         self.register_buffer("std", torch.ones(dim))
 
     def set_standardisation(self, features: torch.Tensor) -> None:
-        """Store the mean and standard deviation of ``features`` (N, D); constant columns get std 1."""
+        """Store the per-column mean and std of ``features`` (N, D); constant columns get std 1."""
         self.mean.copy_(features.mean(dim=0))
         std = features.std(dim=0)
         self.std.copy_(torch.where(std > 0, std, torch.ones_like(std)))
@@ -61,10 +61,14 @@ def _check_training_set(features: np.ndarray, labels: np.ndarray) -> None:
     if features.ndim != 2:
         raise ValueError(f"features must have shape (N, D), got shape {features.shape}")
     if labels.shape != (features.shape[0],):
-        raise ValueError(f"labels must have shape ({features.shape[0]},) to match features, got {labels.shape}")
+        raise ValueError(
+            f"labels must have shape ({features.shape[0]},) to match features, got {labels.shape}"
+        )
     unknown = np.setdiff1d(np.unique(labels), [0, 1])
     if unknown.size:
-        raise ValueError(f"labels must be 0 or 1, found {unknown.tolist()}; drop unlabelled rows first")
+        raise ValueError(
+            f"labels must be 0 or 1, found {unknown.tolist()}; drop unlabelled rows first"
+        )
     if not np.isfinite(features).all():
         raise ValueError("features contain NaN or infinite values; check the embedding store")
     counts = np.bincount(labels.astype(np.int64), minlength=2)
@@ -129,7 +133,9 @@ def train_probe(
         probe.linear.bias.zero_()
 
     loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
-    optimiser = torch.optim.Adam(probe.linear.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    optimiser = torch.optim.Adam(
+        probe.linear.parameters(), lr=learning_rate, weight_decay=weight_decay
+    )
     probe.train()
     for _ in range(epochs):
         optimiser.zero_grad(set_to_none=True)
@@ -137,5 +143,10 @@ def train_probe(
         loss.backward()
         optimiser.step()
 
-    logger.debug("trained probe on %d rows (%d positive), final loss %.4f", y.numel(), int(n_positive), loss.item())
+    logger.debug(
+        "trained probe on %d rows (%d positive), final loss %.4f",
+        y.numel(),
+        int(n_positive),
+        loss.item(),
+    )
     return probe.eval()

@@ -12,11 +12,16 @@ from lensminer.rgb import viewer_rgb
 
 
 def _jpeg_store(url, n=6, size=8):
-    """A uint8 store whose row i is a solid colour (10 i, 20 i, 30 i) with one white pixel at the top left."""
+    """Write a uint8 store whose row i is (10 i, 20 i, 30 i) with a white top-left pixel."""
     layout = stores.CutoutLayout("grz", size, 0.262, "jpeg", "ls-dr9", "http://127.0.0.1/viewer/")
     group = stores.create_cutout_store(
-        url, target_id=[str(i) for i in range(n)], ra=np.zeros(n), dec=np.zeros(n), layout=layout,
-        shard_rows=4, chunk_rows=4,
+        url,
+        target_id=[str(i) for i in range(n)],
+        ra=np.zeros(n),
+        dec=np.zeros(n),
+        layout=layout,
+        shard_rows=4,
+        chunk_rows=4,
     )
     images = np.zeros((n, 3, size, size), np.uint8)
     for row in range(n):
@@ -38,7 +43,9 @@ def test_fits_display_puts_north_up():
     rng = np.random.default_rng(0)
     flux = rng.uniform(0, 1, size=(2, 3, 5, 5)).astype(np.float32)
     display = cutouts_to_display(flux, image_format="fits", bands="grz")
-    expected = np.round(viewer_rgb(flux, "grz")[..., ::-1, :] * 255).astype(np.uint8).transpose(0, 2, 3, 1)
+    expected = (
+        np.round(viewer_rgb(flux, "grz")[..., ::-1, :] * 255).astype(np.uint8).transpose(0, 2, 3, 1)
+    )
     np.testing.assert_array_equal(display, expected)
 
 

@@ -26,21 +26,34 @@ FAST = ScoreConfig(epochs=100, learning_rate=0.05, top_k=20, grid_size=9, test_f
 
 
 def _make_stores(base, features, *, labels=None, status=None, shard_rows=16, storage_options=None):
-    """Write a complete cutout store and its embedding store holding ``features`` as representations."""
+    """Write a complete cutout store and an embedding store with ``features`` in both arrays."""
     n = features.shape[0]
     status = np.full(n, int(stores.RowStatus.OK), "uint8") if status is None else status
     ok = status == int(stores.RowStatus.OK)
     columns = None if labels is None else {"label": labels.astype("int8")}
     cutouts = stores.create_cutout_store(
-        f"{base}/cutouts.zarr", target_id=[f"t{i:04d}" for i in range(n)], ra=150.0 + 0.01 * np.arange(n),
-        dec=np.full(n, 2.0), layout=LAYOUT, shard_rows=shard_rows, chunk_rows=shard_rows, columns=columns,
+        f"{base}/cutouts.zarr",
+        target_id=[f"t{i:04d}" for i in range(n)],
+        ra=150.0 + 0.01 * np.arange(n),
+        dec=np.full(n, 2.0),
+        layout=LAYOUT,
+        shard_rows=shard_rows,
+        chunk_rows=shard_rows,
+        columns=columns,
         storage_options=storage_options,
     )
-    cutouts["images"][:] = (np.arange(n) % 256).astype("uint8")[:, None, None, None] * np.ones((1, 3, 8, 8), "uint8")
+    cutouts["images"][:] = (np.arange(n) % 256).astype("uint8")[:, None, None, None] * np.ones(
+        (1, 3, 8, 8), "uint8"
+    )
     cutouts["status"][:] = status
     embeddings = stores.create_embedding_store(
-        f"{base}/embeddings.zarr", target_id=np.asarray(cutouts["target_id"][:].tolist()), representation_dim=features.shape[1],
-        projection_dim=features.shape[1], dtype="float32", shard_rows=shard_rows, storage_options=storage_options,
+        f"{base}/embeddings.zarr",
+        target_id=np.asarray(cutouts["target_id"][:].tolist()),
+        representation_dim=features.shape[1],
+        projection_dim=features.shape[1],
+        dtype="float32",
+        shard_rows=shard_rows,
+        storage_options=storage_options,
     )
     embeddings["representation"][:] = features * ok[:, None]
     embeddings["projection"][:] = features * ok[:, None]
@@ -61,6 +74,7 @@ def _separable(n=80, dim=4, seed=0):
 
 # Metrics against hand-computed values.
 
+
 def test_precision_at_k_hand_values():
     scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5])
     labels = np.array([1, 0, 1, 0, 0])
@@ -70,7 +84,9 @@ def test_precision_at_k_hand_values():
 
 
 def test_precision_at_k_beyond_rows_uses_all():
-    assert precision_at_k(np.array([0.2, 0.1, 0.3]), np.array([0, 1, 0]), 10) == pytest.approx(1 / 3)
+    assert precision_at_k(np.array([0.2, 0.1, 0.3]), np.array([0, 1, 0]), 10) == pytest.approx(
+        1 / 3
+    )
 
 
 def test_precision_at_k_unsorted_input():
@@ -114,8 +130,14 @@ def test_metrics_reversed_ranking():
 
 def test_metrics_keys():
     metrics = ranking_metrics(np.linspace(1, 0, 6), np.array([1, 0, 1, 0, 0, 0]), top_k=25)
-    expected = {"roc_auc", "precision_at_10", "precision_at_25", "precision_at_50", "precision_at_100",
-                "recall_in_top_5_percent"}
+    expected = {
+        "roc_auc",
+        "precision_at_10",
+        "precision_at_25",
+        "precision_at_50",
+        "precision_at_100",
+        "recall_in_top_5_percent",
+    }
     assert set(metrics) == expected
 
 
@@ -126,6 +148,7 @@ def test_viewer_url_format():
 
 
 # The scoring stage on real Zarr stores.
+
 
 def test_score_outputs(tmp_path):
     features, labels = _separable()
@@ -144,7 +167,17 @@ def test_score_outputs(tmp_path):
     assert set(table["row"]).isdisjoint({3, 40})
     assert list(table["rank"]) == list(range(1, 79))
     assert np.all(np.diff(table["score"]) <= 0)
-    assert table.colnames == ["rank", "row", "target_id", "ra", "dec", "score", "label", "split", "viewer"]
+    assert table.colnames == [
+        "rank",
+        "row",
+        "target_id",
+        "ra",
+        "dec",
+        "score",
+        "label",
+        "split",
+        "viewer",
+    ]
     assert set(table["split"][table["label"] == -1]) == {"unlabelled"}
     assert metrics["roc_auc"] == 1.0
     assert metrics == result.metrics
@@ -162,8 +195,10 @@ def test_score_split_is_stratified(tmp_path):
 def test_score_row_matches_probe_order(tmp_path):
     features, labels = _separable()
     cutouts_url, embeddings_url = _make_stores(tmp_path, features, labels=labels)
-    table = Table.read(score_embeddings(cutouts_url, embeddings_url, str(tmp_path / "o"), FAST).candidates_url,
-                       format="ascii.csv")
+    table = Table.read(
+        score_embeddings(cutouts_url, embeddings_url, str(tmp_path / "o"), FAST).candidates_url,
+        format="ascii.csv",
+    )
     top = table[: int(labels.sum())]
     assert set(top["label"]) == {1}
     assert list(top["target_id"]) == [f"t{row:04d}" for row in top["row"]]
@@ -174,7 +209,9 @@ def test_score_deterministic(tmp_path):
     cutouts_url, embeddings_url = _make_stores(tmp_path, features, labels=labels)
     first = score_embeddings(cutouts_url, embeddings_url, str(tmp_path / "a"), FAST)
     second = score_embeddings(cutouts_url, embeddings_url, str(tmp_path / "b"), FAST)
-    assert (tmp_path / "a" / "candidates.csv").read_bytes() == (tmp_path / "b" / "candidates.csv").read_bytes()
+    assert (tmp_path / "a" / "candidates.csv").read_bytes() == (
+        tmp_path / "b" / "candidates.csv"
+    ).read_bytes()
     assert first.metrics == second.metrics
 
 
@@ -206,9 +243,22 @@ def test_score_too_few_lenses_raises(tmp_path):
 def test_score_on_s3(s3_endpoint):
     features, labels = _separable()
     base = "s3://lensminer-test/score"
-    cutouts_url, embeddings_url = _make_stores(base, features, labels=labels, storage_options=s3_endpoint)
-    result = score_embeddings(cutouts_url, embeddings_url, f"{base}/out", FAST, storage_options=s3_endpoint)
+    cutouts_url, embeddings_url = _make_stores(
+        base, features, labels=labels, storage_options=s3_endpoint
+    )
+    result = score_embeddings(
+        cutouts_url, embeddings_url, f"{base}/out", FAST, storage_options=s3_endpoint
+    )
     with fsspec.open(result.candidates_url, "r", **s3_endpoint) as handle:
         table = Table.read(handle.read(), format="ascii.csv")
     assert len(table) == 80
     assert result.metrics["roc_auc"] == 1.0
+
+
+def test_score_split_too_small_raises(tmp_path):
+    features, _ = _separable(n=8)
+    labels = np.array([1, 1, 0, 0, -1, -1, -1, -1])
+    cutouts_url, embeddings_url = _make_stores(tmp_path, features, labels=labels)
+    config = FAST.model_copy(update={"test_fraction": 0.1})
+    with pytest.raises(StoreError, match="cannot split 4 labelled rows"):
+        score_embeddings(cutouts_url, embeddings_url, str(tmp_path / "out"), config)

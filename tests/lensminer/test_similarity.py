@@ -14,19 +14,31 @@ LAYOUT = stores.CutoutLayout("grz", 8, 0.262, "jpeg", "ls-dr9", "http://127.0.0.
 N_ROWS, DIM = 100, 16
 
 
-def _make_stores(base, representation, projection, *, status, shard_rows=32, storage_options=None, done=True):
+def _make_stores(
+    base, representation, projection, *, status, shard_rows=32, storage_options=None, done=True
+):
     n = representation.shape[0]
     ok = status == int(stores.RowStatus.OK)
     ra = 30.0 + 0.01 * np.arange(n)
     cutouts = stores.create_cutout_store(
-        f"{base}/cutouts.zarr", target_id=[f"t{i:03d}" for i in range(n)], ra=ra, dec=np.full(n, -5.0),
-        layout=LAYOUT, shard_rows=shard_rows, chunk_rows=shard_rows, storage_options=storage_options,
+        f"{base}/cutouts.zarr",
+        target_id=[f"t{i:03d}" for i in range(n)],
+        ra=ra,
+        dec=np.full(n, -5.0),
+        layout=LAYOUT,
+        shard_rows=shard_rows,
+        chunk_rows=shard_rows,
+        storage_options=storage_options,
     )
     cutouts["status"][:] = status
     embeddings = stores.create_embedding_store(
-        f"{base}/embeddings.zarr", target_id=np.asarray(cutouts["target_id"][:].tolist()),
-        representation_dim=representation.shape[1], projection_dim=projection.shape[1], dtype="float32",
-        shard_rows=shard_rows, storage_options=storage_options,
+        f"{base}/embeddings.zarr",
+        target_id=np.asarray(cutouts["target_id"][:].tolist()),
+        representation_dim=representation.shape[1],
+        projection_dim=projection.shape[1],
+        dtype="float32",
+        shard_rows=shard_rows,
+        storage_options=storage_options,
     )
     embeddings["representation"][:] = representation * ok[:, None]
     embeddings["projection"][:] = projection * ok[:, None]
@@ -41,15 +53,23 @@ def _make_stores(base, representation, projection, *, status, shard_rows=32, sto
 @pytest.fixture
 def run(tmp_path):
     rng = np.random.default_rng(7)
-    representation = rng.normal(size=(N_ROWS, DIM)).astype(np.float32) * rng.uniform(0.5, 3, (N_ROWS, 1))
+    representation = rng.normal(size=(N_ROWS, DIM)).astype(np.float32) * rng.uniform(
+        0.5, 3, (N_ROWS, 1)
+    )
     projection = rng.normal(size=(N_ROWS, 4)).astype(np.float32)
     status = np.full(N_ROWS, int(stores.RowStatus.OK), "uint8")
     status[[5, 50, 99]] = int(stores.RowStatus.NO_COVERAGE)
     cutouts_url, embeddings_url = _make_stores(tmp_path, representation, projection, status=status)
     index_url = str(tmp_path / "similarity.faiss")
     build_index(embeddings_url, index_url, SimilarityConfig())
-    return {"cutouts": cutouts_url, "embeddings": embeddings_url, "index": index_url,
-            "representation": representation, "projection": projection, "valid": status == 1}
+    return {
+        "cutouts": cutouts_url,
+        "embeddings": embeddings_url,
+        "index": index_url,
+        "representation": representation,
+        "projection": projection,
+        "valid": status == 1,
+    }
 
 
 def _brute_force(vectors, valid, row, k):
@@ -92,7 +112,9 @@ def test_similar_columns(run):
 
 def test_similar_by_position(run):
     # Row 20 sits at ra = 30.2; 2 arcsec away still resolves to it.
-    table = find_similar(run["index"], run["embeddings"], run["cutouts"], ra=30.2 + 2 / 3600, dec=-5.0, k=5)
+    table = find_similar(
+        run["index"], run["embeddings"], run["cutouts"], ra=30.2 + 2 / 3600, dec=-5.0, k=5
+    )
     assert table.meta["query_row"] == 20
     assert list(table["row"]) == _brute_force(run["representation"], run["valid"], 20, 5)[0]
 
@@ -161,6 +183,11 @@ def test_similar_on_s3(s3_endpoint):
         base, vectors, vectors, status=np.ones(40, "uint8"), storage_options=s3_endpoint
     )
     index_url = f"{base}/similarity.faiss"
-    assert build_index(embeddings_url, index_url, SimilarityConfig(), storage_options=s3_endpoint) == 40
-    table = find_similar(index_url, embeddings_url, cutouts_url, row=9, k=5, storage_options=s3_endpoint)
+    assert (
+        build_index(embeddings_url, index_url, SimilarityConfig(), storage_options=s3_endpoint)
+        == 40
+    )
+    table = find_similar(
+        index_url, embeddings_url, cutouts_url, row=9, k=5, storage_options=s3_endpoint
+    )
     assert list(table["row"]) == _brute_force(vectors, np.ones(40, bool), 9, 5)[0]

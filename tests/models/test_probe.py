@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from lensminer.models.probe import LinearProbe, train_probe
 
 SETTINGS = {"epochs": 200, "learning_rate": 0.05, "weight_decay": 0.0}
@@ -48,7 +47,10 @@ def test_probe_invariant_to_feature_scale():
     probe = train_probe(features, labels, seed=0, **SETTINGS)
     scaled = train_probe(features * 1000.0 + 5.0, labels, seed=0, **SETTINGS)
     np.testing.assert_allclose(
-        scaled.predict_proba(features * 1000.0 + 5.0), probe.predict_proba(features), rtol=1e-3, atol=1e-4
+        scaled.predict_proba(features * 1000.0 + 5.0),
+        probe.predict_proba(features),
+        rtol=1e-3,
+        atol=1e-4,
     )
 
 
