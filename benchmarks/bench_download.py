@@ -46,7 +46,14 @@ READY_LINE = "LENSMINER_SURVEY_SERVER"
 @contextmanager
 def survey_server(latency: float) -> Iterator[str]:
     """Start the simulated-sky survey server in a child process and yield its base URL."""
-    command = [sys.executable, "-m", "lensminer.infra.survey_server", "--sky", "--latency", str(latency)]
+    command = [
+        sys.executable,
+        "-m",
+        "lensminer.infra.survey_server",
+        "--sky",
+        "--latency",
+        str(latency),
+    ]
     child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout is not None
@@ -78,14 +85,20 @@ def sequential_rate(base_url: str, survey: SurveyConfig, targets: Table) -> floa
             endpoint, params = cutout_request(survey, row["ra"], row["dec"])
             response = client.get(endpoint, params=params)
             response.raise_for_status()
-            parse_fits_cutout(response.content, bands=survey.bands, size=survey.size, pixscale=survey.pixscale)
+            parse_fits_cutout(
+                response.content, bands=survey.bands, size=survey.size, pixscale=survey.pixscale
+            )
     return len(targets) / (time.perf_counter() - started)
 
 
 def run_throughput(args: argparse.Namespace) -> dict[str, object]:
     targets = make_targets(args.n)
     download = DownloadConfig(
-        concurrency=args.concurrency, rate_limit=1000.0, timeout=60.0, shard_rows=args.shard_rows, chunk_rows=16
+        concurrency=args.concurrency,
+        rate_limit=1000.0,
+        timeout=60.0,
+        shard_rows=args.shard_rows,
+        chunk_rows=16,
     )
     with survey_server(args.latency) as url, tempfile.TemporaryDirectory() as folder:
         survey = SurveyConfig(base_url=url, size=args.size)
@@ -105,9 +118,17 @@ def run_throughput(args: argparse.Namespace) -> dict[str, object]:
 
 
 def run_memory(args: argparse.Namespace) -> dict[str, object]:
-    results: dict[str, object] = {"measure": "memory", "size_px": args.size, "shard_rows": args.shard_rows}
+    results: dict[str, object] = {
+        "measure": "memory",
+        "size_px": args.size,
+        "shard_rows": args.shard_rows,
+    }
     download = DownloadConfig(
-        concurrency=args.concurrency, rate_limit=10_000.0, timeout=60.0, shard_rows=args.shard_rows, chunk_rows=16
+        concurrency=args.concurrency,
+        rate_limit=10_000.0,
+        timeout=60.0,
+        shard_rows=args.shard_rows,
+        chunk_rows=16,
     )
     with survey_server(0.0) as url:
         survey = SurveyConfig(base_url=url, size=args.size)
@@ -115,13 +136,20 @@ def run_memory(args: argparse.Namespace) -> dict[str, object]:
         # A first small download fills import-time and library caches, which would otherwise
         # count towards the first measured peak only.
         with tempfile.TemporaryDirectory() as folder:
-            download_cutouts(make_targets(args.shard_rows, seed=1), str(Path(folder) / "warm.zarr"), survey, download)
+            download_cutouts(
+                make_targets(args.shard_rows, seed=1),
+                str(Path(folder) / "warm.zarr"),
+                survey,
+                download,
+            )
 
         for count in args.counts:
             targets = make_targets(count, seed=count)
             with tempfile.TemporaryDirectory() as folder:
                 tracemalloc.start()
-                summary = download_cutouts(targets, str(Path(folder) / "cutouts.zarr"), survey, download)
+                summary = download_cutouts(
+                    targets, str(Path(folder) / "cutouts.zarr"), survey, download
+                )
                 _, peak = tracemalloc.get_traced_memory()
                 tracemalloc.stop()
             results[f"peak_mib_{count}"] = round(peak / 2**20, 1)
@@ -135,13 +163,25 @@ def run_memory(args: argparse.Namespace) -> dict[str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("measure", choices=["throughput", "memory"])
-    parser.add_argument("--n", type=int, default=200, help="targets of the concurrent throughput run")
-    parser.add_argument("--n-sequential", type=int, default=40, help="targets of the sequential loop")
-    parser.add_argument("--latency", type=float, default=0.2, help="seconds the server adds to each response")
+    parser.add_argument(
+        "--n", type=int, default=200, help="targets of the concurrent throughput run"
+    )
+    parser.add_argument(
+        "--n-sequential", type=int, default=40, help="targets of the sequential loop"
+    )
+    parser.add_argument(
+        "--latency", type=float, default=0.2, help="seconds the server adds to each response"
+    )
     parser.add_argument("--concurrency", type=int, default=32, help="requests in flight")
     parser.add_argument("--size", type=int, default=64, help="cutout side in pixels")
     parser.add_argument("--shard-rows", type=int, default=256, help="rows per shard")
-    parser.add_argument("--counts", type=int, nargs="+", default=[1000, 20000], help="target counts of the memory run")
+    parser.add_argument(
+        "--counts",
+        type=int,
+        nargs="+",
+        default=[1000, 20000],
+        help="target counts of the memory run",
+    )
     args = parser.parse_args()
 
     logging.basicConfig(level=logging.WARNING)

@@ -71,12 +71,16 @@ class _TransientError(Exception):
 
 
 class TokenBucket:
-    """Token-bucket rate limiter for asyncio: ``rate`` tokens per second, at most ``capacity`` stored.
+    """Token-bucket rate limiter for asyncio.
+
+    The bucket gains ``rate`` tokens per second and stores at most ``capacity`` of them.
 
     Waiters are served one at a time in arrival order.
     """
 
-    def __init__(self, rate: float, capacity: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, rate: float, capacity: float = 1.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         if rate <= 0:
             raise ValueError(f"rate must be positive requests per second, got {rate!r}")
         self.rate = rate
@@ -182,7 +186,9 @@ class CutoutClient:
         self._bucket: TokenBucket | None = None
 
     async def __aenter__(self) -> CutoutClient:
-        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+        limits = httpx.Limits(
+            max_connections=self.concurrency, max_keepalive_connections=self.concurrency
+        )
         self._client = httpx.AsyncClient(
             base_url=self.base_url,
             limits=limits,
@@ -217,7 +223,9 @@ class CutoutClient:
         """
         return await self.fetch_parsed(endpoint, params, lambda body: body)
 
-    async def fetch_parsed(self, endpoint: str, params: Mapping[str, Any], parse: Callable[[bytes], T]) -> T:
+    async def fetch_parsed(
+        self, endpoint: str, params: Mapping[str, Any], parse: Callable[[bytes], T]
+    ) -> T:
         """Fetch like :meth:`fetch` and return ``parse(body)``.
 
         A body that makes ``parse`` raise :class:`~lensminer.exceptions.CutoutParseError` (for
@@ -237,11 +245,15 @@ class CutoutClient:
             except _TransientError as error:
                 if attempt == self.max_retries:
                     self.stats.failures += 1
-                    logger.warning("giving up on %s after %d attempts: %s", url, attempt + 1, error.reason)
+                    logger.warning(
+                        "giving up on %s after %d attempts: %s", url, attempt + 1, error.reason
+                    )
                     raise FetchError(error.reason, url, attempt + 1) from error
                 delay = self._delay(attempt, error.retry_after)
                 self.stats.retries += 1
-                logger.debug("retrying %s in %.2f s (attempt %d): %s", url, delay, attempt + 1, error.reason)
+                logger.debug(
+                    "retrying %s in %.2f s (attempt %d): %s", url, delay, attempt + 1, error.reason
+                )
                 await asyncio.sleep(delay)
             except FetchError as error:
                 self.stats.failures += 1
@@ -252,7 +264,9 @@ class CutoutClient:
 
     def _open_parts(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore, TokenBucket]:
         if self._client is None or self._slots is None or self._bucket is None:
-            raise RuntimeError("CutoutClient is not open; use it as 'async with CutoutClient(...) as client'")
+            raise RuntimeError(
+                "CutoutClient is not open; use it as 'async with CutoutClient(...) as client'"
+            )
         return self._client, self._slots, self._bucket
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
@@ -260,7 +274,9 @@ class CutoutClient:
             return min(retry_after, self.max_backoff)
         return self._random.uniform(0.0, min(self.max_backoff, self.backoff * 2**attempt))
 
-    async def _attempt(self, endpoint: str, params: Mapping[str, Any], parse: Callable[[bytes], T]) -> T:
+    async def _attempt(
+        self, endpoint: str, params: Mapping[str, Any], parse: Callable[[bytes], T]
+    ) -> T:
         http, slots, bucket = self._open_parts()
 
         # One request: wait for a slot and a token, then send it.
@@ -279,7 +295,8 @@ class CutoutClient:
         status = response.status_code
         if status == 429 or status >= 500:
             raise _TransientError(
-                f"HTTP {status} {response.reason_phrase}", _retry_after_seconds(response.headers.get("Retry-After"))
+                f"HTTP {status} {response.reason_phrase}",
+                _retry_after_seconds(response.headers.get("Retry-After")),
             )
         if status != 200:
             excerpt = response.content[:BODY_EXCERPT].decode("utf-8", "replace").strip()

@@ -3,7 +3,8 @@
 A Legacy Survey ``fits-cutout`` response is one primary HDU holding a big-endian float32 cube of
 shape (n_bands, height, width) in nanomaggies, with ``BANDS``/``BANDn`` keywords and a TAN WCS
 whose CD matrix gives the pixel scale. Extra HDUs with ``IMAGETYP`` ``INVVAR`` or ``MASKBITS``
-follow when the request sets ``invvar`` or ``maskbits``. Everything that does not match the request raises
+follow when the request sets ``invvar`` or ``maskbits``. Everything that does not match the
+request raises
 :class:`~lensminer.exceptions.CutoutParseError`, so the download stage can retry the request or
 record the row as failed instead of storing a wrong image.
 """
@@ -72,7 +73,9 @@ def _excerpt(data: bytes, limit: int = 60) -> str:
 
 def _open_fits(data: bytes) -> fits.HDUList:
     if not data.startswith(FITS_MAGIC):
-        raise CutoutParseError(f"response is not FITS ({len(data)} bytes starting {_excerpt(data)})")
+        raise CutoutParseError(
+            f"response is not FITS ({len(data)} bytes starting {_excerpt(data)})"
+        )
     try:
         # astropy only warns about a short file; the size check below turns that into an error.
         with warnings.catch_warnings():
@@ -132,7 +135,9 @@ def _cube(data: np.ndarray | None, bands: str, size: int | None) -> np.ndarray:
     return data
 
 
-def _parse_fits(data: bytes, bands: str | None, size: int | None, pixscale: float | None) -> ParsedCutout:
+def _parse_fits(
+    data: bytes, bands: str | None, size: int | None, pixscale: float | None
+) -> ParsedCutout:
     with _open_fits(data) as hdus:
         _check_complete(hdus, len(data))
         header = hdus[0].header
@@ -152,7 +157,9 @@ def _parse_fits(data: bytes, bands: str | None, size: int | None, pixscale: floa
             )
         plane_bands = found_bands or bands
         if plane_bands is None:
-            raise CutoutParseError("FITS header has no BANDS or BAND0 keyword; pass bands to name the planes")
+            raise CutoutParseError(
+                "FITS header has no BANDS or BAND0 keyword; pass bands to name the planes"
+            )
 
         # Read the pixels. astropy raises when the data are shorter than the header states.
         try:
@@ -172,7 +179,9 @@ def _parse_fits(data: bytes, bands: str | None, size: int | None, pixscale: floa
     status = RowStatus.OK if image.any() else RowStatus.NO_COVERAGE
 
     if invvar is not None:
-        invvar = np.nan_to_num(_cube(invvar, plane_bands, size).astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        invvar = np.nan_to_num(
+            _cube(invvar, plane_bands, size).astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0
+        )
     if maskbits is not None:
         maskbits = maskbits.astype(np.int32)
     return ParsedCutout(
@@ -213,7 +222,11 @@ def parse_fits_cutout(data: bytes, *, bands: str, size: int, pixscale: float) ->
 
 
 def read_fits_cutout_file(
-    path: str | Path, *, bands: str | None = None, size: int | None = None, pixscale: float | None = None
+    path: str | Path,
+    *,
+    bands: str | None = None,
+    size: int | None = None,
+    pixscale: float | None = None,
 ) -> ParsedCutout:
     """Read and validate a saved FITS cutout; checks left as None take their values from the header.
 
@@ -241,7 +254,9 @@ def parse_jpeg_cutout(data: bytes, *, size: int) -> ParsedCutout:
         If the bytes are not a complete JPEG or the image is not ``size`` x ``size``.
     """
     if not data.startswith(JPEG_MAGIC):
-        raise CutoutParseError(f"response is not JPEG ({len(data)} bytes starting {_excerpt(data)})")
+        raise CutoutParseError(
+            f"response is not JPEG ({len(data)} bytes starting {_excerpt(data)})"
+        )
     try:
         with Image.open(io.BytesIO(data)) as picture:
             picture.load()
@@ -250,5 +265,9 @@ def parse_jpeg_cutout(data: bytes, *, size: int) -> ParsedCutout:
         raise CutoutParseError(f"JPEG response is truncated or corrupt: {error}") from error
 
     if rgb.shape[:2] != (size, size):
-        raise CutoutParseError(f"JPEG image is {rgb.shape[1]}x{rgb.shape[0]} pixels, requested {size}x{size}")
-    return ParsedCutout(image=np.ascontiguousarray(rgb.transpose(2, 0, 1)), status=RowStatus.OK, bands="grz")
+        raise CutoutParseError(
+            f"JPEG image is {rgb.shape[1]}x{rgb.shape[0]} pixels, requested {size}x{size}"
+        )
+    return ParsedCutout(
+        image=np.ascontiguousarray(rgb.transpose(2, 0, 1)), status=RowStatus.OK, bands="grz"
+    )

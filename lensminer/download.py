@@ -105,7 +105,9 @@ def cutout_request(survey: SurveyConfig, ra: float, dec: float) -> tuple[str, di
 
 def _parser(survey: SurveyConfig) -> Callable[[bytes], ParsedCutout]:
     if survey.image_format == "fits":
-        return lambda body: parse_fits_cutout(body, bands=survey.bands, size=survey.size, pixscale=survey.pixscale)
+        return lambda body: parse_fits_cutout(
+            body, bands=survey.bands, size=survey.size, pixscale=survey.pixscale
+        )
     return lambda body: parse_jpeg_cutout(body, size=survey.size)
 
 
@@ -116,10 +118,14 @@ def _catalog_columns(targets: Table, n_bands: int) -> dict[str, np.ndarray]:
     if "ebv" in targets.colnames:
         columns["ebv"] = np.asarray(targets["ebv"], dtype=np.float32)
     if all(name in targets.colnames for name in PSF_COLUMNS):
-        psf = np.stack([np.asarray(targets[name], dtype=np.float32) for name in PSF_COLUMNS], axis=1)
+        psf = np.stack(
+            [np.asarray(targets[name], dtype=np.float32) for name in PSF_COLUMNS], axis=1
+        )
         # NOTE: psf_fwhm keeps the catalog's g, r, z order; with other bands its width is still 3.
         if n_bands != 3:
-            logger.warning("psf_fwhm contains g, r, z PSF sizes, but the survey requests %d bands", n_bands)
+            logger.warning(
+                "psf_fwhm contains g, r, z PSF sizes, but the survey requests %d bands", n_bands
+            )
         columns["psf_fwhm"] = psf
     return columns
 
@@ -149,7 +155,10 @@ def _open_store(
         layer=survey.layer,
         service_url=survey.base_url,
     )
-    provenance = {"client": f"lensminer {client_version()}", "endpoint": cutout_request(survey, 0.0, 0.0)[0]}
+    provenance = {
+        "client": f"lensminer {client_version()}",
+        "endpoint": cutout_request(survey, 0.0, 0.0)[0],
+    }
     return create_cutout_store(
         store_url,
         target_id=np.asarray(targets["target_id"]).astype(str),
@@ -164,8 +173,10 @@ def _open_store(
     )
 
 
-def _plan(group: zarr.Group, n_rows: int, shard_rows: int, retry_failed: bool) -> tuple[dict[int, np.ndarray], int]:
-    """Return the shard-relative rows to fetch for each shard to work on, and the count of skipped shards."""
+def _plan(
+    group: zarr.Group, n_rows: int, shard_rows: int, retry_failed: bool
+) -> tuple[dict[int, np.ndarray], int]:
+    """Return the shard-relative rows to fetch per shard to work on, and the skipped shard count."""
     done = group["shard_done"][:]
     status = group["status"][:] if retry_failed and done.any() else None
     work: dict[int, np.ndarray] = {}
@@ -175,7 +186,11 @@ def _plan(group: zarr.Group, n_rows: int, shard_rows: int, retry_failed: bool) -
         if not done[index]:
             work[index] = np.arange(rows.stop - rows.start)
             continue
-        failed = np.flatnonzero(status[rows] == RowStatus.FAILED) if status is not None else np.array([], int)
+        failed = (
+            np.flatnonzero(status[rows] == RowStatus.FAILED)
+            if status is not None
+            else np.array([], int)
+        )
         if failed.size:
             work[index] = failed
         else:
@@ -224,7 +239,9 @@ class _ShardWriter:
         n = rows.stop - rows.start
 
         # Fetch the requested rows concurrently. The client bounds the requests in flight.
-        results = await asyncio.gather(*(self._fetch_row(rows.start + int(offset)) for offset in fetch_rows))
+        results = await asyncio.gather(
+            *(self._fetch_row(rows.start + int(offset)) for offset in fetch_rows)
+        )
 
         # Start from the stored shard when only some rows were refetched.
         refetch_all = fetch_rows.size == n
@@ -248,7 +265,9 @@ class _ShardWriter:
             np.asarray(self.group["reason"][rows], dtype=object),
         )
 
-    def _write_shard(self, index: int, rows: slice, images: np.ndarray, status: np.ndarray, reason: np.ndarray) -> None:
+    def _write_shard(
+        self, index: int, rows: slice, images: np.ndarray, status: np.ndarray, reason: np.ndarray
+    ) -> None:
         # The flag goes down before and up after the arrays, so a crash in between leaves the
         # shard pending (it is already down for a shard that was never finished).
         flags = self.group["shard_done"]
@@ -285,7 +304,10 @@ def _run(coroutine: Coroutine[Any, Any, T]) -> T:
 
 
 async def _download(
-    writer_args: dict[str, Any], client: CutoutClient, work: dict[int, np.ndarray], shards_in_flight: int
+    writer_args: dict[str, Any],
+    client: CutoutClient,
+    work: dict[int, np.ndarray],
+    shards_in_flight: int,
 ) -> None:
     writer = _ShardWriter(client=client, **writer_args)
     queue = collections.deque(sorted(work.items()))
@@ -357,7 +379,11 @@ def download_cutouts(
     work, skipped = _plan(group, n_rows, shard_rows, retry_failed)
     to_fetch = int(sum(rows.size for rows in work.values()))
     logger.info(
-        "downloading %d rows in %d shards into %s (%d shards already done)", to_fetch, len(work), store_url, skipped
+        "downloading %d rows in %d shards into %s (%d shards already done)",
+        to_fetch,
+        len(work),
+        store_url,
+        skipped,
     )
 
     done_rows = n_rows - to_fetch
@@ -402,7 +428,11 @@ def download_cutouts(
     status = group["status"][:]
     counts = {member.name: int(np.count_nonzero(status == member)) for member in RowStatus}
     failed = status == RowStatus.FAILED
-    reasons = collections.Counter(group["reason"][:][failed].tolist()) if failed.any() else collections.Counter()
+    reasons = (
+        collections.Counter(group["reason"][:][failed].tolist())
+        if failed.any()
+        else collections.Counter()
+    )
     summary = DownloadSummary(
         store_url=store_url,
         n_rows=n_rows,
@@ -424,7 +454,10 @@ def download_cutouts(
     if counts["FAILED"]:
         logger.warning(
             "%d of %d cutouts failed in %s (top reasons %s); rerun to retry them",
-            counts["FAILED"], n_rows, store_url, summary.top_failures,
+            counts["FAILED"],
+            n_rows,
+            store_url,
+            summary.top_failures,
         )
     logger.info("cutout store %s: %s in %.1f s", store_url, counts, summary.seconds)
     return summary

@@ -58,7 +58,17 @@ MASKBITS_LARGE_GALAXY = 1 << 12
 MASKBITS_GLOBULAR_CLUSTER = 1 << 13
 
 RA_NAMES = ("ra", "ra_deg", "radeg", "raj2000", "ra_j2000", "ra_icrs", "ra_gaia")
-DEC_NAMES = ("dec", "dec_deg", "decdeg", "dej2000", "decj2000", "dec_j2000", "de_icrs", "dec_icrs", "dec_gaia")
+DEC_NAMES = (
+    "dec",
+    "dec_deg",
+    "decdeg",
+    "dej2000",
+    "decj2000",
+    "dec_j2000",
+    "de_icrs",
+    "dec_icrs",
+    "dec_gaia",
+)
 ID_NAMES = ("target_id", "id", "objname", "name", "iauname")
 LEGACY_ID_COLUMNS = ("release", "brickid", "objid")
 PSF_COLUMNS = ("psfsize_g", "psfsize_r", "psfsize_z")
@@ -136,7 +146,9 @@ def read_table(url: str, *, storage_options: dict[str, Any] | None = None) -> Ta
     except TargetError:
         raise
     except (ValueError, OSError, UnicodeDecodeError, IndexError) as error:
-        raise TargetError(f"cannot read {url!r} as {kind}: {error}; check the file format") from error
+        raise TargetError(
+            f"cannot read {url!r} as {kind}: {error}; check the file format"
+        ) from error
 
 
 def _read_fits_table(data: bytes, url: str) -> Table:
@@ -144,7 +156,9 @@ def _read_fits_table(data: bytes, url: str) -> Table:
         for hdu in hdus:
             if isinstance(hdu, (fits.BinTableHDU, fits.TableHDU)):
                 return Table.read(hdu)
-    raise TargetError(f"{url!r} contains no table HDU; a target file needs a FITS binary or ASCII table")
+    raise TargetError(
+        f"{url!r} contains no table HDU; a target file needs a FITS binary or ASCII table"
+    )
 
 
 def _read_parquet(data: bytes) -> Table:
@@ -157,7 +171,9 @@ def _read_parquet(data: bytes) -> Table:
         if values.dtype == object:
             # Arrow strings arrive as Python objects, and None marks a missing value.
             missing = np.array([value is None for value in values])
-            values = np.ma.MaskedArray(np.array(["" if v is None else str(v) for v in values]), mask=missing)
+            values = np.ma.MaskedArray(
+                np.array(["" if v is None else str(v) for v in values]), mask=missing
+            )
         columns[name] = values
     return Table(columns)
 
@@ -176,7 +192,9 @@ def read_catalogs(urls: Sequence[str], *, storage_options: dict[str, Any] | None
     try:
         return vstack(tables, join_type="exact", metadata_conflicts="silent")
     except Exception as error:  # astropy raises TableMergeError, a bare Exception subclass
-        raise TargetError(f"catalog files have different columns: {error}; read them separately") from error
+        raise TargetError(
+            f"catalog files have different columns: {error}; read them separately"
+        ) from error
 
 
 def read_targets(
@@ -218,7 +236,11 @@ def read_targets(
     """
     table = read_table(url, storage_options=storage_options)
     targets = standardize_targets(
-        table, label_column=label_column, id_columns=id_columns, keep_columns=keep_columns, source=url
+        table,
+        label_column=label_column,
+        id_columns=id_columns,
+        keep_columns=keep_columns,
+        source=url,
     )
     logger.debug("read %d targets from %s", len(targets), url)
     return targets
@@ -287,7 +309,8 @@ def parse_iau_names(names: Sequence[str] | np.ndarray) -> tuple[np.ndarray, np.n
         dec[row] = sign * (int(parts["d"]) + int(parts["am"]) / 60 + float(parts["as"]) / 3600)
     if bad:
         raise TargetError(
-            f"{len(bad)} names are not IAU names like J000411.19+020924.0 (rows {bad[:_MAX_LISTED]}, "
+            f"{len(bad)} names are not IAU names like J000411.19+020924.0 "
+            f"(rows {bad[:_MAX_LISTED]}, "
             f"first {values[bad[0]]!r}); add ra and dec columns to the table"
         )
     return ra, dec
@@ -301,7 +324,8 @@ def _coordinates(table: Table, names: dict[str, str], source: str) -> tuple[np.n
     if "iauname" in names:
         return parse_iau_names(table[names["iauname"]])
     raise TargetError(
-        f"{source} has no coordinate columns (looked for {RA_NAMES[:3]}... and {DEC_NAMES[:3]}... in any case, "
+        f"{source} has no coordinate columns (looked for {RA_NAMES[:3]}... and "
+        f"{DEC_NAMES[:3]}... in any case, "
         f"or iauname); columns are {table.colnames[:12]}; rename the RA/Dec columns to ra and dec"
     )
 
@@ -313,7 +337,8 @@ def _check_coordinates(ra: np.ndarray, dec: np.ndarray, source: str) -> None:
     rows = np.flatnonzero(bad)
     first = int(rows[0])
     raise TargetError(
-        f"{source} has {rows.size} rows with invalid coordinates (0-based rows {rows[:_MAX_LISTED].tolist()}, "
+        f"{source} has {rows.size} rows with invalid coordinates "
+        f"(0-based rows {rows[:_MAX_LISTED].tolist()}, "
         f"first ra={ra[first]!r}, dec={dec[first]!r}); expected finite degrees with RA in [0, 360) "
         "and Dec in [-90, 90]: fix or drop those rows (wrap RA with ra % 360)"
     )
@@ -324,7 +349,11 @@ def _coordinate_ids(ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
 
 
 def _target_ids(
-    table: Table, names: dict[str, str], id_columns: Sequence[str] | None, ra: np.ndarray, dec: np.ndarray
+    table: Table,
+    names: dict[str, str],
+    id_columns: Sequence[str] | None,
+    ra: np.ndarray,
+    dec: np.ndarray,
 ) -> np.ndarray:
     if id_columns is not None:
         missing = [name for name in id_columns if name.lower() not in names]
@@ -351,12 +380,15 @@ def _check_unique(ids: np.ndarray, source: str) -> None:
     repeated = unique[counts > 1]
     if repeated.size:
         raise TargetError(
-            f"{source} has {repeated.size} repeated target ids (first {repeated[:_MAX_LISTED].tolist()}); "
+            f"{source} has {repeated.size} repeated target ids "
+            f"(first {repeated[:_MAX_LISTED].tolist()}); "
             "remove the duplicate rows, or pass id_columns that identify each row"
         )
     empty = np.flatnonzero(ids == "")
     if empty.size:
-        raise TargetError(f"{source} has {empty.size} empty target ids (rows {empty[:_MAX_LISTED].tolist()})")
+        raise TargetError(
+            f"{source} has {empty.size} empty target ids (rows {empty[:_MAX_LISTED].tolist()})"
+        )
 
 
 def _labels(column: Any, name: str, source: str) -> np.ndarray:
@@ -408,14 +440,17 @@ def standardize_targets(
             result["label"] = _labels(table[names[label_column.lower()]], label_column, source)
         elif label_column != "label":
             raise TargetError(
-                f"label column {label_column!r} not found in {source}; columns are {table.colnames[:12]}"
+                f"label column {label_column!r} not found in {source}; "
+                f"columns are {table.colnames[:12]}"
             )
     for name in ("ebv", *PSF_COLUMNS):
         if name in names:
             result[name] = _as_float(table[names[name]]).astype(np.float32)
     for name in keep_columns:
         if name.lower() not in names:
-            raise TargetError(f"column {name!r} to keep not found in {source}; columns are {table.colnames[:12]}")
+            raise TargetError(
+                f"column {name!r} to keep not found in {source}; columns are {table.colnames[:12]}"
+            )
         result[name.lower()] = table[names[name.lower()]]
     return result
 
@@ -442,7 +477,12 @@ def merge_close_targets(table: Table, radius_arcsec: float = 0.262) -> Table:
             dropped[j] = True
 
     if dropped.any():
-        logger.info("merged %d of %d targets closer than %.3f arcsec", dropped.sum(), len(table), radius_arcsec)
+        logger.info(
+            "merged %d of %d targets closer than %.3f arcsec",
+            dropped.sum(),
+            len(table),
+            radius_arcsec,
+        )
     return table[~dropped]
 
 
@@ -471,7 +511,9 @@ def read_lens_table(
         table = merge_close_targets(table, merge_radius_arcsec)
     names = _lower_names(table)
     if keep_columns is None:
-        keep_columns = [name for name in ("grade", "region", "source_type", "z_spec") if name in names]
+        keep_columns = [
+            name for name in ("grade", "region", "source_type", "z_spec") if name in names
+        ]
     targets = standardize_targets(table, label_column=None, keep_columns=keep_columns, source=url)
     targets["label"] = np.ones(len(targets), dtype=np.int8)
     return targets
@@ -494,7 +536,8 @@ def read_lenscat(*, grading: Sequence[str] | None = None) -> Table:
         import lenscat
     except ImportError as error:
         raise ImportError(
-            "read_lenscat needs the optional lenscat package; install it with pip install 'lensminer[lenscat]'"
+            "read_lenscat needs the optional lenscat package; "
+            "install it with pip install 'lensminer[lenscat]'"
         ) from error
 
     # NOTE: written for the lenscat 1.1 columns (name, RA, DEC, zlens, type, grading, ref) but never
@@ -503,7 +546,11 @@ def read_lenscat(*, grading: Sequence[str] | None = None) -> Table:
     if grading is not None:
         table = table[np.isin(_as_strings(table["grading"]), list(grading))]
     targets = standardize_targets(
-        table, label_column=None, id_columns=["name"], keep_columns=["grading", "type"], source="lenscat"
+        table,
+        label_column=None,
+        id_columns=["name"],
+        keep_columns=["grading", "type"],
+        source="lenscat",
     )
     targets["label"] = np.ones(len(targets), dtype=np.int8)
     return targets
@@ -517,7 +564,9 @@ def read_lenscat(*, grading: Sequence[str] | None = None) -> Table:
 def _require(table: Table, names: dict[str, str], wanted: Sequence[str], purpose: str) -> list[str]:
     missing = [name.upper() for name in wanted if name not in names]
     if missing:
-        raise TargetError(f"{purpose} needs columns {missing} (any case); the table has {table.colnames[:12]}")
+        raise TargetError(
+            f"{purpose} needs columns {missing} (any case); the table has {table.colnames[:12]}"
+        )
     return [names[name] for name in wanted]
 
 
@@ -543,7 +592,8 @@ def select_parent_sample(
         Drop point sources (``TYPE == 'PSF'``).
     maskbits
         Drop rows where ``MASKBITS & maskbits`` is non-zero, e.g.
-        ``MASKBITS_BRIGHT_STAR | MASKBITS_MEDIUM_STAR | MASKBITS_LARGE_GALAXY``. ``None`` skips the cut.
+        ``MASKBITS_BRIGHT_STAR | MASKBITS_MEDIUM_STAR | MASKBITS_LARGE_GALAXY``. ``None`` skips
+        the cut.
 
     Returns
     -------
@@ -551,7 +601,9 @@ def select_parent_sample(
         The selected rows with all their columns.
     """
     names = _lower_names(table)
-    flux_z, transmission_z = _require(table, names, ("flux_z", "mw_transmission_z"), "the z-magnitude cut")
+    flux_z, transmission_z = _require(
+        table, names, ("flux_z", "mw_transmission_z"), "the z-magnitude cut"
+    )
     keep = np.ones(len(table), dtype=bool)
 
     # Magnitude cut on dereddened flux. Rows with non-positive flux keep an infinite magnitude.
@@ -579,7 +631,9 @@ def _ra_dec(table: Table) -> tuple[np.ndarray, np.ndarray]:
     ra_name = _find_column(names, RA_NAMES)
     dec_name = _find_column(names, DEC_NAMES)
     if ra_name is None or dec_name is None:
-        raise TargetError(f"table has no ra/dec columns (any case); columns are {table.colnames[:12]}")
+        raise TargetError(
+            f"table has no ra/dec columns (any case); columns are {table.colnames[:12]}"
+        )
     return _as_float(table[ra_name]), _as_float(table[dec_name])
 
 

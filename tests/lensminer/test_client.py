@@ -20,7 +20,7 @@ from lensminer.exceptions import CutoutParseError, DownloadError
 
 
 class FaultServer:
-    """Endpoints that fail in scripted ways; ``script[key]`` lists the responses for successive calls."""
+    """Endpoints that fail as scripted: ``script[key]`` lists the responses of successive calls."""
 
     def __init__(self) -> None:
         self.calls: collections.Counter[str] = collections.Counter()
@@ -69,7 +69,9 @@ def server() -> Iterator[tuple[FaultServer, str]]:
     """Serve a :class:`FaultServer` on 127.0.0.1 for this module's tests."""
     state = FaultServer()
     app = Starlette(routes=[Route("/viewer/fits-cutout", state.handle)])
-    runner = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="critical", lifespan="off"))
+    runner = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="critical", lifespan="off")
+    )
     thread = threading.Thread(target=runner.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
@@ -84,7 +86,15 @@ def server() -> Iterator[tuple[FaultServer, str]]:
 
 
 def client_for(base_url: str, **kwargs: object) -> CutoutClient:
-    settings = {"concurrency": 4, "rate_limit": 1000.0, "timeout": 0.5, "max_retries": 3, "backoff": 0.01, "max_backoff": 0.05, "seed": 0}
+    settings = {
+        "concurrency": 4,
+        "rate_limit": 1000.0,
+        "timeout": 0.5,
+        "max_retries": 3,
+        "backoff": 0.01,
+        "max_backoff": 0.05,
+        "seed": 0,
+    }
     settings.update(kwargs)
     return CutoutClient(base_url, **settings)  # type: ignore[arg-type]
 
@@ -113,7 +123,9 @@ def test_fetch_client_error_not_retried(server: tuple[FaultServer, str], status:
     key = f"client-{status}"
     state.script[key] = [str(status)]
 
-    with pytest.raises(DownloadError, match=rf"HTTP {status} .*status {status}.*key=client-{status}"):
+    with pytest.raises(
+        DownloadError, match=rf"HTTP {status} .*status {status}.*key=client-{status}"
+    ):
         asyncio.run(fetch_one(base_url, key))
     assert state.calls[key] == 1
 
@@ -128,7 +140,9 @@ def test_fetch_gives_up(server: tuple[FaultServer, str], caplog: pytest.LogCaptu
     assert raised.value.attempts == 3
     assert raised.value.reason == "HTTP 502 Bad Gateway"
     assert state.calls["down"] == 3
-    assert any("giving up" in record.message and "key=down" in record.message for record in caplog.records)
+    assert any(
+        "giving up" in record.message and "key=down" in record.message for record in caplog.records
+    )
 
 
 def test_fetch_honours_retry_after(server: tuple[FaultServer, str]) -> None:
@@ -194,7 +208,9 @@ def test_fetch_rate_limit(server: tuple[FaultServer, str]) -> None:
     async def run() -> float:
         async with client_for(base_url, concurrency=8, rate_limit=20.0) as client:
             started = time.perf_counter()
-            await asyncio.gather(*(client.fetch("fits-cutout", {"key": f"rate-{i}"}) for i in range(11)))
+            await asyncio.gather(
+                *(client.fetch("fits-cutout", {"key": f"rate-{i}"}) for i in range(11))
+            )
             return time.perf_counter() - started
 
     # One token at the start, then one every 50 ms: the 11th request leaves after 0.5 s.

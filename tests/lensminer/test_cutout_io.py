@@ -26,7 +26,11 @@ REAL_FILES = {
 
 
 def fits_bytes(
-    cube: np.ndarray, *, bands: str | None = "grz", pixscale: float | None = 0.262, extra: list[fits.ImageHDU] | None = None
+    cube: np.ndarray,
+    *,
+    bands: str | None = "grz",
+    pixscale: float | None = 0.262,
+    extra: list[fits.ImageHDU] | None = None,
 ) -> bytes:
     header = fits.Header()
     if bands is not None:
@@ -34,7 +38,9 @@ def fits_bytes(
     if pixscale is not None:
         header["CD1_1"], header["CD2_2"] = -pixscale / 3600, pixscale / 3600
     buffer = io.BytesIO()
-    fits.HDUList([fits.PrimaryHDU(cube.astype(">f4"), header=header), *(extra or [])]).writeto(buffer)
+    fits.HDUList([fits.PrimaryHDU(cube.astype(">f4"), header=header), *(extra or [])]).writeto(
+        buffer
+    )
     return buffer.getvalue()
 
 
@@ -77,7 +83,9 @@ def test_real_file_bad_pixels(shared_data: Path) -> None:
 
 def test_real_file_wrong_pixscale(shared_data: Path) -> None:
     data = (shared_data / "decals-fits" / "temp_small.fits").read_bytes()
-    with pytest.raises(CutoutParseError, match="pixel scale is 0.26200 arcsec/pixel, requested 0.13100"):
+    with pytest.raises(
+        CutoutParseError, match="pixel scale is 0.26200 arcsec/pixel, requested 0.13100"
+    ):
         parse_fits_cutout(data, bands="grz", size=225, pixscale=0.131)
 
 
@@ -102,7 +110,9 @@ def test_fits_all_zero_no_coverage() -> None:
 
 
 def test_fits_single_band_2d() -> None:
-    parsed = parse_fits_cutout(fits_bytes(noise_cube((8, 8)), bands="r"), bands="r", size=8, pixscale=0.262)
+    parsed = parse_fits_cutout(
+        fits_bytes(noise_cube((8, 8)), bands="r"), bands="r", size=8, pixscale=0.262
+    )
     assert parsed.image.shape == (1, 8, 8)
 
 
@@ -125,7 +135,9 @@ def test_fits_band_count_mismatch_without_header() -> None:
         parse_fits_cutout(fits_bytes(noise_cube(), bands=None), bands="gr", size=8, pixscale=0.262)
 
 
-@pytest.mark.parametrize("body", [b"", b"<html>busy</html>", b"no such layer", b"SIMPLE  = garbage"])
+@pytest.mark.parametrize(
+    "body", [b"", b"<html>busy</html>", b"no such layer", b"SIMPLE  = garbage"]
+)
 def test_fits_not_fits(body: bytes) -> None:
     with pytest.raises(CutoutParseError, match="not (valid )?FITS"):
         parse_fits_cutout(body, bands="grz", size=8, pixscale=0.262)
@@ -150,7 +162,9 @@ def test_fits_invvar_and_maskbits() -> None:
     maskbits = fits.ImageHDU(np.full((8, 8), 2, ">i2"))
     maskbits.header["IMAGETYP"] = "MASKBITS"
 
-    parsed = parse_fits_cutout(fits_bytes(noise_cube(), extra=[invvar, maskbits]), bands="grz", size=8, pixscale=0.262)
+    parsed = parse_fits_cutout(
+        fits_bytes(noise_cube(), extra=[invvar, maskbits]), bands="grz", size=8, pixscale=0.262
+    )
 
     assert parsed.invvar is not None and parsed.invvar.shape == (3, 8, 8)
     assert parsed.maskbits is not None and parsed.maskbits.dtype == np.int32
@@ -168,7 +182,9 @@ def test_fits_truncated_extension() -> None:
 def jpeg_bytes(size: int) -> bytes:
     rng = np.random.default_rng(2)
     buffer = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buffer, format="JPEG")
+    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(
+        buffer, format="JPEG"
+    )
     return buffer.getvalue()
 
 

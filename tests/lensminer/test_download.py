@@ -41,8 +41,10 @@ PIXSCALE = 0.262
 # --------------------------------------------------------------------------------------------
 
 
-def render_fits(ra: float, dec: float, size: int = SIZE, bands: str = BANDS, pixscale: float = PIXSCALE) -> bytes:
-    """Return FITS bytes of a cutout laid out like the Legacy Survey service's, seeded by position."""
+def render_fits(
+    ra: float, dec: float, size: int = SIZE, bands: str = BANDS, pixscale: float = PIXSCALE
+) -> bytes:
+    """Return FITS bytes laid out like a Legacy Survey cutout, with pixels seeded by position."""
     seed = int(round(ra * 1e5)) * 1_000_003 + int(round((dec + 90) * 1e5))
     rng = np.random.default_rng(seed)
     cube = rng.normal(0.0, 0.01, size=(len(bands), size, size)).astype(">f4")
@@ -104,7 +106,9 @@ def service() -> Iterator[tuple[StubService, str]]:
     """Serve a fresh :class:`StubService` on 127.0.0.1 and return it with its base URL."""
     state = StubService()
     app = Starlette(routes=[Route("/viewer/fits-cutout", state.cutout)])
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
@@ -138,15 +142,26 @@ def make_targets(n: int, *, label: bool = True) -> Table:
 
 def configs(base_url: str, **download: object) -> tuple[SurveyConfig, DownloadConfig]:
     survey = SurveyConfig(base_url=base_url, size=SIZE, bands=BANDS, pixscale=PIXSCALE)
-    settings = {"concurrency": 4, "rate_limit": 1000.0, "timeout": 5.0, "max_retries": 3, "backoff": 0.01,
-                "max_backoff": 0.05, "shard_rows": 4, "chunk_rows": 2}
+    settings = {
+        "concurrency": 4,
+        "rate_limit": 1000.0,
+        "timeout": 5.0,
+        "max_retries": 3,
+        "backoff": 0.01,
+        "max_backoff": 0.05,
+        "shard_rows": 4,
+        "chunk_rows": 2,
+    }
     settings.update(download)
     return survey, DownloadConfig(**settings)
 
 
 def read_store(url: str, storage_options: dict | None = None) -> dict[str, np.ndarray]:
     group = open_store(url, "cutouts", storage_options=storage_options)
-    return {name: np.asarray(group[name][:]) for name in ("images", "status", "reason", "target_id", "shard_done")}
+    return {
+        name: np.asarray(group[name][:])
+        for name in ("images", "status", "reason", "target_id", "shard_done")
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,7 +175,13 @@ def test_download_end_to_end(service: tuple[StubService, str], tmp_path: Path) -
     survey, download = configs(base_url)
     calls: list[tuple[int, int]] = []
 
-    summary = download_cutouts(targets, str(tmp_path / "c.zarr"), survey, download, progress=lambda d, t: calls.append((d, t)))
+    summary = download_cutouts(
+        targets,
+        str(tmp_path / "c.zarr"),
+        survey,
+        download,
+        progress=lambda d, t: calls.append((d, t)),
+    )
     store = read_store(str(tmp_path / "c.zarr"))
     group = open_store(str(tmp_path / "c.zarr"), "cutouts")
 
@@ -169,7 +190,9 @@ def test_download_end_to_end(service: tuple[StubService, str], tmp_path: Path) -
     assert store["shard_done"].all()
     assert store["images"].dtype == np.float32
     for row in range(10):
-        expected = fits.getdata(io.BytesIO(render_fits(targets["ra"][row], targets["dec"][row]))).astype(np.float32)
+        expected = fits.getdata(
+            io.BytesIO(render_fits(targets["ra"][row], targets["dec"][row]))
+        ).astype(np.float32)
         np.testing.assert_array_equal(store["images"][row], expected)
     assert calls[0] == (0, 10)
     assert calls[-1] == (10, 10)
@@ -181,7 +204,9 @@ def test_download_end_to_end(service: tuple[StubService, str], tmp_path: Path) -
     assert sum(state.requests.values()) == 10
 
 
-def test_download_rerun_fetches_missing_shards(service: tuple[StubService, str], tmp_path: Path) -> None:
+def test_download_rerun_fetches_missing_shards(
+    service: tuple[StubService, str], tmp_path: Path
+) -> None:
     state, base_url = service
     targets = make_targets(12)
     survey, download = configs(base_url)
@@ -201,7 +226,9 @@ def test_download_rerun_fetches_missing_shards(service: tuple[StubService, str],
     assert not any(repr(float(ra)) in state.requests for ra in targets["ra"][:4])
 
 
-def test_download_done_store_sends_nothing(service: tuple[StubService, str], tmp_path: Path) -> None:
+def test_download_done_store_sends_nothing(
+    service: tuple[StubService, str], tmp_path: Path
+) -> None:
     state, base_url = service
     targets = make_targets(5)
     survey, download = configs(base_url)
@@ -228,7 +255,13 @@ def test_download_bad_responses_fail_rows(service: tuple[StubService, str], tmp_
     summary = download_cutouts(targets, str(tmp_path / "c.zarr"), survey, download)
     store = read_store(str(tmp_path / "c.zarr"))
 
-    assert store["status"][:5].tolist() == [RowStatus.FAILED, RowStatus.FAILED, RowStatus.FAILED, RowStatus.OK, RowStatus.NO_COVERAGE]
+    assert store["status"][:5].tolist() == [
+        RowStatus.FAILED,
+        RowStatus.FAILED,
+        RowStatus.FAILED,
+        RowStatus.OK,
+        RowStatus.NO_COVERAGE,
+    ]
     assert "truncated" in store["reason"][0]
     assert "not FITS" in store["reason"][1]
     assert "404" in store["reason"][2]
@@ -240,7 +273,9 @@ def test_download_bad_responses_fail_rows(service: tuple[StubService, str], tmp_
     assert store["shard_done"].all()
 
 
-def test_download_rerun_retries_failed_rows(service: tuple[StubService, str], tmp_path: Path) -> None:
+def test_download_rerun_retries_failed_rows(
+    service: tuple[StubService, str], tmp_path: Path
+) -> None:
     state, base_url = service
     targets = make_targets(8)
     survey, download = configs(base_url, max_retries=0)
@@ -269,7 +304,9 @@ def test_download_retry_failed_off(service: tuple[StubService, str], tmp_path: P
     download_cutouts(targets, str(tmp_path / "c.zarr"), survey, download)
     state.requests.clear()
 
-    summary = download_cutouts(targets, str(tmp_path / "c.zarr"), survey, download, retry_failed=False)
+    summary = download_cutouts(
+        targets, str(tmp_path / "c.zarr"), survey, download, retry_failed=False
+    )
 
     assert summary.counts["FAILED"] == 1
     assert sum(state.requests.values()) == 0
@@ -287,10 +324,14 @@ def test_download_other_targets_rejected(service: tuple[StubService, str], tmp_p
 def test_download_missing_columns(tmp_path: Path) -> None:
     survey, download = configs("http://127.0.0.1:9/viewer/")
     with pytest.raises(TargetError, match="target_id"):
-        download_cutouts(Table({"ra": [1.0], "dec": [2.0]}), str(tmp_path / "c.zarr"), survey, download)
+        download_cutouts(
+            Table({"ra": [1.0], "dec": [2.0]}), str(tmp_path / "c.zarr"), survey, download
+        )
 
 
-def test_download_fault_injection_matches_clean(service: tuple[StubService, str], tmp_path: Path) -> None:
+def test_download_fault_injection_matches_clean(
+    service: tuple[StubService, str], tmp_path: Path
+) -> None:
     state, base_url = service
     targets = make_targets(30)
     survey, download = configs(base_url, max_retries=6, timeout=0.5)
@@ -308,7 +349,10 @@ def test_download_fault_injection_matches_clean(service: tuple[StubService, str]
     n_faults = sum(len(faults) for faults in state.faults.values())
     state.requests.clear()
     summary = download_cutouts(targets, str(tmp_path / "faulty.zarr"), survey, download, seed=0)
-    clean, faulty = read_store(str(tmp_path / "clean.zarr")), read_store(str(tmp_path / "faulty.zarr"))
+    clean, faulty = (
+        read_store(str(tmp_path / "clean.zarr")),
+        read_store(str(tmp_path / "faulty.zarr")),
+    )
 
     assert n_faulty >= 5
     assert summary.counts["OK"] == 30
@@ -348,7 +392,9 @@ KILLED_RUN = textwrap.dedent(
 )
 
 
-def test_download_kill_then_rerun_equals_clean(service: tuple[StubService, str], tmp_path: Path) -> None:
+def test_download_kill_then_rerun_equals_clean(
+    service: tuple[StubService, str], tmp_path: Path
+) -> None:
     state, base_url = service
     targets = make_targets(40)
     targets_path = tmp_path / "targets.ecsv"
@@ -361,7 +407,10 @@ def test_download_kill_then_rerun_equals_clean(service: tuple[StubService, str],
     killed_url = str(tmp_path / "killed.zarr")
     script = tmp_path / "run_download.py"
     script.write_text(KILLED_RUN)
-    child = subprocess.Popen([sys.executable, str(script), str(targets_path), killed_url, base_url], env=os.environ.copy())
+    child = subprocess.Popen(
+        [sys.executable, str(script), str(targets_path), killed_url, base_url],
+        env=os.environ.copy(),
+    )
     deadline = time.monotonic() + 60
     done = 0
     while time.monotonic() < deadline and child.poll() is None:
@@ -404,7 +453,9 @@ def survey_app(faults: object = None) -> object:
     sources = pytest.importorskip("lensminer.infra.sources")
     from lensminer.sky import SimulatedSky
 
-    return server_module.create_app(sources.SimulatedSkySource(SimulatedSky(seed=1, lens_fraction=0.2)), faults=faults)
+    return server_module.create_app(
+        sources.SimulatedSkySource(SimulatedSky(seed=1, lens_fraction=0.2)), faults=faults
+    )
 
 
 def test_download_survey_server_faults(sky_targets: Table, tmp_path: Path) -> None:
@@ -412,22 +463,45 @@ def test_download_survey_server_faults(sky_targets: Table, tmp_path: Path) -> No
 
     # 30% of requests fail: 503, 429 with Retry-After, held past the timeout, or cut in half.
     faults = FaultConfig(
-        error_rate=0.1, rate_limit_rate=0.05, retry_after=0.05, timeout_rate=0.05, timeout_hold=2.0,
-        truncate_rate=0.1, seed=3,
+        error_rate=0.1,
+        rate_limit_rate=0.05,
+        retry_after=0.05,
+        timeout_rate=0.05,
+        timeout_hold=2.0,
+        truncate_rate=0.1,
+        seed=3,
     )
     faulty_app = survey_app(faults)
     with serve_in_thread(survey_app()) as clean_url, serve_in_thread(faulty_app) as faulty_url:
-        survey, download = configs(clean_url, shard_rows=8, chunk_rows=4, timeout=1.0, max_retries=8)
-        clean = download_cutouts(sky_targets, str(tmp_path / "clean.zarr"), SurveyConfig(base_url=clean_url, size=32), download)
-        faulty = download_cutouts(sky_targets, str(tmp_path / "faulty.zarr"), SurveyConfig(base_url=faulty_url, size=32), download, seed=0)
-    clean_store, faulty_store = read_store(str(tmp_path / "clean.zarr")), read_store(str(tmp_path / "faulty.zarr"))
+        survey, download = configs(
+            clean_url, shard_rows=8, chunk_rows=4, timeout=1.0, max_retries=8
+        )
+        clean = download_cutouts(
+            sky_targets,
+            str(tmp_path / "clean.zarr"),
+            SurveyConfig(base_url=clean_url, size=32),
+            download,
+        )
+        faulty = download_cutouts(
+            sky_targets,
+            str(tmp_path / "faulty.zarr"),
+            SurveyConfig(base_url=faulty_url, size=32),
+            download,
+            seed=0,
+        )
+    clean_store, faulty_store = (
+        read_store(str(tmp_path / "clean.zarr")),
+        read_store(str(tmp_path / "faulty.zarr")),
+    )
 
     assert clean.counts["OK"] == 24
     assert faulty.counts["OK"] == 24
     assert sum(faulty_app.state.fault_counts.values()) >= 5
     assert faulty.retries == sum(faulty_app.state.fault_counts.values())
     assert clean_store["images"].tobytes() == faulty_store["images"].tobytes()
-    assert open_store(str(tmp_path / "faulty.zarr"), "cutouts")["label"][:].tolist() == list(sky_targets["label"])
+    assert open_store(str(tmp_path / "faulty.zarr"), "cutouts")["label"][:].tolist() == list(
+        sky_targets["label"]
+    )
 
 
 def test_download_survey_server_jpeg(sky_targets: Table, tmp_path: Path) -> None:
@@ -451,6 +525,8 @@ def test_download_inside_running_loop(service: tuple[StubService, str], tmp_path
 
     async def caller() -> int:
         # A synchronous call from a coroutine, as in an async Prefect task or a notebook.
-        return download_cutouts(make_targets(4), str(tmp_path / "c.zarr"), survey, download).counts["OK"]
+        return download_cutouts(make_targets(4), str(tmp_path / "c.zarr"), survey, download).counts[
+            "OK"
+        ]
 
     assert asyncio.run(caller()) == 4

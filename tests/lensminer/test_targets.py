@@ -162,13 +162,22 @@ def test_standardize_no_coordinates() -> None:
 
 
 def test_standardize_masked_label() -> None:
-    table = Table({"ra": [1.0, 2.0], "dec": [0.0, 0.0], "label": np.ma.MaskedArray([1, 0], mask=[False, True])})
+    table = Table(
+        {
+            "ra": [1.0, 2.0],
+            "dec": [0.0, 0.0],
+            "label": np.ma.MaskedArray([1, 0], mask=[False, True]),
+        }
+    )
     assert standardize_targets(table)["label"].tolist() == [1, -1]
 
 
 def test_standardize_coordinate_ids_stable() -> None:
     table = Table({"ra": [1.0, 200.123456789], "dec": [-0.5, 45.0]})
-    assert standardize_targets(table)["target_id"].tolist() == ["J001.00000-00.50000", "J200.12346+45.00000"]
+    assert standardize_targets(table)["target_id"].tolist() == [
+        "J001.00000-00.50000",
+        "J200.12346+45.00000",
+    ]
 
 
 def test_parse_iau_names_bad() -> None:
@@ -187,7 +196,13 @@ def test_parse_iau_names_south() -> None:
 
 def test_merge_close_targets_keeps_first() -> None:
     offset = 0.2 / 3600  # 0.2 arcsec, inside one pixel
-    table = Table({"target_id": ["a", "b", "c", "d"], "ra": [10.0, 10.0 + offset, 20.0, 10.0 + 2 * offset], "dec": [0.0] * 4})
+    table = Table(
+        {
+            "target_id": ["a", "b", "c", "d"],
+            "ra": [10.0, 10.0 + offset, 20.0, 10.0 + 2 * offset],
+            "dec": [0.0] * 4,
+        }
+    )
 
     merged = merge_close_targets(table)
 
