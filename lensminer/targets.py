@@ -125,7 +125,7 @@ def read_table(url: str, *, storage_options: dict[str, Any] | None = None) -> Ta
     FileNotFoundError
         If nothing exists at ``url``.
     TargetError
-        If the file cannot be parsed in the detected format or a FITS file holds no table.
+        If the file cannot be parsed in the detected format or a FITS file contains no table.
     """
     compression = "gzip" if url.lower().endswith(".gz") else None
     try:
