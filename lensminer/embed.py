@@ -389,6 +389,13 @@ def embed_cutouts(
         If a shard fails its checks, or the finished store does not match the cutout store.
     """
     started = time.perf_counter()
+    scheduler = embed.scheduler
+    if client is None and scheduler not in ("local", "synchronous") and "://" not in scheduler:
+        raise ConfigError(
+            f"embed.scheduler must be 'local', 'synchronous' or a scheduler address such as "
+            f"'tcp://127.0.0.1:8786', got {scheduler!r}"
+        )
+
     pending = prepare_embedding_store(
         cutouts_url,
         encoder_url,
@@ -399,7 +406,6 @@ def embed_cutouts(
     )
     args = (cutouts_url, encoder_url, embeddings_url, embed, augment, storage_options)
 
-    scheduler = embed.scheduler
     if not pending:
         logger.debug("%s: every shard is already embedded", embeddings_url)
     elif client is not None:
@@ -430,16 +436,11 @@ def embed_cutouts(
             Client(cluster) as local_client,
         ):
             _run_shards(local_client, pending, *args)
-    elif "://" in scheduler:
+    else:
         from distributed import Client
 
         with Client(scheduler) as remote_client:
             _run_shards(remote_client, pending, *args)
-    else:
-        raise ConfigError(
-            f"embed.scheduler must be 'local', 'synchronous' or a scheduler address such as "
-            f"'tcp://127.0.0.1:8786', got {scheduler!r}"
-        )
 
     verified = verify_embedding_store(cutouts_url, embeddings_url, storage_options=storage_options)
     summary = EmbedSummary(
