@@ -223,6 +223,27 @@ def demo_images(
     _print_demo(result, f"held-out '{label}' objects")
 
 
+@app.command()
+def web(
+    config: ConfigOption = None,
+    sets: SetOption = None,
+    run_dir: RunDirOption = None,
+    host: Annotated[
+        str, typer.Option(help="Interface to listen on; 127.0.0.1 keeps the page on this machine.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port to listen on.", min=1, max=65535)] = 8050,
+) -> None:
+    """Serve the similarity-search web page over RUN_DIR; needs `lensminer index` first."""
+    import uvicorn
+
+    from lensminer.web import create_web_app
+
+    cfg = _config(config, sets, run_dir=run_dir)
+    web_app = create_web_app(cfg)
+    console.print(f"Similarity search over {cfg.run_dir} at http://{host}:{port}/ (Ctrl+C stops)")
+    uvicorn.run(web_app, host=host, port=port, log_level="info")
+
+
 def _print_demo(result: Any, what: str) -> None:
     metrics = result.summary["score"]["metrics"]
     console.print("[bold]LensMiner run finished.[/bold] Outputs:")
