@@ -148,18 +148,6 @@ class StorageConfig(_Section):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
-class LensMinerConfig(_Section):
-    """The whole configuration of one run."""
-
-    run_dir: str = Field("runs/default", description="fsspec URL of the run directory.")
-    targets: str | None = Field(None, description="fsspec URL of the target table (CSV, TSV, FITS, Parquet).")
-    survey: SurveyConfig = Field(default_factory=SurveyConfig)
-    download: DownloadConfig = Field(default_factory=DownloadConfig)
-    augment: AugmentConfig = Field(default_factory=AugmentConfig)
-    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
-    embed: EmbedConfig = Field(default_factory=EmbedConfig)
-    score: ScoreConfig = Field(default_factory=ScoreConfig)
-    similarity: SimilarityConfig = Field(default_factory=SimilarityConfig)
 class BrickConfig(_Section):
     """Brick mode: cut cutouts from the survey's brick coadds instead of the cutout service."""
 
@@ -174,7 +162,20 @@ class BrickConfig(_Section):
     workers: int = Field(2, ge=1, le=64, description="Shards cut at once, each holding its bricks in memory.")
 
 
+class LensMinerConfig(_Section):
+    """The whole configuration of one run."""
+
+    run_dir: str = Field("runs/default", description="fsspec URL of the run directory.")
+    targets: str | None = Field(None, description="fsspec URL of the target table (CSV, TSV, FITS, Parquet).")
+    survey: SurveyConfig = Field(default_factory=SurveyConfig)
+    download: DownloadConfig = Field(default_factory=DownloadConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
+    similarity: SimilarityConfig = Field(default_factory=SimilarityConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
+    bricks: BrickConfig = Field(default_factory=BrickConfig)
 
     @field_validator("run_dir")
     @classmethod
@@ -187,7 +188,6 @@ class BrickConfig(_Section):
 
     @property
     def cutouts_url(self) -> str:
-    bricks: BrickConfig = Field(default_factory=BrickConfig)
         return self.url("cutouts.zarr")
 
     @property
