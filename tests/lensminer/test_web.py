@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import re
 
+import fsspec
 import httpx
 import numpy as np
 import pytest
@@ -33,7 +34,9 @@ def _ra(rows: np.ndarray) -> np.ndarray:
     return 150.0 + 0.01 * np.asarray(rows)
 
 
-def _write_candidates(path, rows: np.ndarray, target_ids: list[str], labels: np.ndarray) -> None:
+def _write_candidates(
+    url: str, rows: np.ndarray, target_ids: list[str], labels: np.ndarray, storage_options
+) -> None:
     table = Table(
         {
             "rank": np.arange(1, rows.size + 1),
@@ -47,10 +50,13 @@ def _write_candidates(path, rows: np.ndarray, target_ids: list[str], labels: np.
             "viewer": ["https://www.legacysurvey.org/viewer"] * rows.size,
         }
     )
-    table.write(path, format="ascii.csv")
+    buffer = io.StringIO()
+    table.write(buffer, format="ascii.csv")
+    with fsspec.open(url, "w", **(storage_options or {})) as handle:
+        handle.write(buffer.getvalue())
 
 
-def _make_run(run_dir, *, candidates: bool = True) -> LensMinerConfig:
+def _make_run(run_dir, *, candidates: bool = True, storage_options=None) -> LensMinerConfig:
     """Write a cutout store, an embedding store, an index and candidates.csv into ``run_dir``."""
     rng = np.random.default_rng(11)
     target_ids = [f"obj{i:03d}" for i in range(N_ROWS)]
@@ -59,7 +65,7 @@ def _make_run(run_dir, *, candidates: bool = True) -> LensMinerConfig:
     status = np.full(N_ROWS, int(stores.RowStatus.OK), dtype=np.uint8)
     status[MISSING_ROW] = int(stores.RowStatus.FAILED)
     ok = status == int(stores.RowStatus.OK)
-    config = LensMinerConfig(run_dir=str(run_dir))
+    config = LensMinerConfig(run_dir=str(run_dir), storage={"options": storage_options or {}})
 
     # Cutouts: faint noise in nanomaggies with one bright pixel in FITS row 0, the south edge.
     images = rng.normal(0.0, 0.01, size=(N_ROWS, 3, SIZE, SIZE)).astype(np.float32)
@@ -73,6 +79,7 @@ def _make_run(run_dir, *, candidates: bool = True) -> LensMinerConfig:
         shard_rows=SHARD_ROWS,
         chunk_rows=SHARD_ROWS,
         columns={"label": labels},
+        storage_options=storage_options,
     )
     cutouts["images"][:] = images * ok[:, None, None, None]
     cutouts["status"][:] = status
@@ -84,6 +91,7 @@ def _make_run(run_dir, *, candidates: bool = True) -> LensMinerConfig:
         projection_dim=4,
         dtype="float32",
         shard_rows=SHARD_ROWS,
+        storage_options=storage_options,
     )
     embeddings["representation"][:] = (
         rng.normal(size=(N_ROWS, DIM)).astype(np.float32) * ok[:, None]
@@ -93,13 +101,18 @@ def _make_run(run_dir, *, candidates: bool = True) -> LensMinerConfig:
     for index in range(stores.shard_count(N_ROWS, SHARD_ROWS)):
         stores.mark_shard_done(cutouts, index)
         stores.mark_shard_done(embeddings, index)
-    build_index(config.embeddings_url, config.url("similarity.faiss"), config.similarity)
+    build_index(
+        config.embeddings_url,
+        config.url("similarity.faiss"),
+        config.similarity,
+        storage_options=storage_options,
+    )
 
     if candidates:
         ranked = np.array(
             [EVIL_ROW, *[row for row in range(N_ROWS) if row not in (EVIL_ROW, MISSING_ROW)]]
         )
-        _write_candidates(run_dir / "candidates.csv", ranked, target_ids, labels)
+        _write_candidates(config.url("candidates.csv"), ranked, target_ids, labels, storage_options)
     return config
 
 
@@ -137,8 +150,8 @@ def test_similar_page_order(client, run_config):
 def test_similar_page_similarities(client, run_config):
     page = client.get("/similar", params={"row": 3, "k": 12}).text
     expected = _reference(run_config, row=3, k=12)
-    shown = re.findall(r"similarity (-?\d\.\d{4})", page)
-    assert shown == [f"{value:.4f}" for value in expected["similarity"]]
+    displayed = re.findall(r"similarity (-?\d\.\d{4})", page)
+    assert displayed == [f"{value:.4f}" for value in expected["similarity"]]
 
 
 def test_similar_page_viewer_links(client):
@@ -148,7 +161,7 @@ def test_similar_page_viewer_links(client):
 
 
 def test_similar_page_by_position(client, run_config):
-    # Row 20 is at RA 150.2; 2 arcsec east still resolves to it.
+    # Row 20 is at RA 150.2, and a position 2 arcsec east of it still resolves to it.
     params = {"ra": 150.2 + 2 / 3600, "dec": 2.0, "k": 5}
     page = client.get("/similar", params=params).text
     expected = _reference(run_config, ra=params["ra"], dec=2.0, k=5)
@@ -188,7 +201,11 @@ def test_api_default_k(client, run_config):
         ({"row": "abc"}, 400, "row must be a whole number, got 'abc'"),
         ({"row": "60"}, 400, "row 60 is out of range: the stores have rows 0 to 59"),
         ({"row": "-1"}, 400, "row -1 is out of range"),
-        ({"row": str(MISSING_ROW)}, 404, f"row {MISSING_ROW} has no embedding"),
+        (
+            {"row": str(MISSING_ROW)},
+            404,
+            f"row {MISSING_ROW} has no embedding because its cutout status is FAILED",
+        ),
         ({"ra": "10", "dec": "-30"}, 404, "no embedded object within 5 arcsec of RA 10, Dec -30"),
         ({"ra": "abc", "dec": "2"}, 400, "RA must be a number in degrees"),
         ({"ra": "nan", "dec": "2"}, 400, "RA must be a finite number"),
@@ -225,6 +242,7 @@ def test_api_position_not_found(client):
     response = client.get("/api/similar", params={"ra": 10, "dec": -30})
     assert response.status_code == 404
     assert "no embedded object" in response.json()["error"]
+    assert "deg away" in response.json()["error"]
 
 
 def test_cutout_png(client, run_config):
@@ -317,3 +335,23 @@ def test_cli_web_help():
     assert result.exit_code == 0
     assert "--port" in result.output
     assert "--host" in result.output
+
+
+def test_app_on_s3(s3_endpoint):
+    config = _make_run("s3://lensminer-test/web-run", storage_options=s3_endpoint)
+    expected = find_similar(
+        config.url("similarity.faiss"),
+        config.embeddings_url,
+        config.cutouts_url,
+        row=4,
+        k=5,
+        storage_options=s3_endpoint,
+    )
+    with serve_in_thread(create_web_app(config)) as url:
+        with httpx.Client(base_url=url.removesuffix("viewer/"), timeout=30.0) as http:
+            result = http.get("/api/similar", params={"row": 4, "k": 5}).json()
+            png = http.get("/cutout/4.png")
+            index_page = http.get("/").text
+    assert [n["row"] for n in result["neighbours"]] == list(expected["row"])
+    assert Image.open(io.BytesIO(png.content)).size == (SIZE, SIZE)
+    assert len(_tile_rows(index_page, "candidate")) == N_CANDIDATES
