@@ -12,6 +12,7 @@ RGB in [0, 1] in R, G, B order.
 from __future__ import annotations
 
 import logging
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ RGB_BANDS = "zrg"
 CONFIG_BANDS = "grz"
 
 _warned_upsampling: set[tuple[int, int]] = set()
+_warned_jitter: set[tuple[int, int]] = set()
 
 
 def rgb_band_indices(bands: str) -> list[int]:
@@ -583,8 +585,10 @@ class Augmentation(nn.Module):
         Parameters
         ----------
         images
-            FITS: float32 nanomaggies (B, C, S, S); JPEG: uint8 RGB (B, 3, S, S). S must be at
-            least ``crop_size + 2 * jitter``.
+            FITS: float32 nanomaggies (B, C, S, S); JPEG: uint8 RGB (B, 3, S, S). With
+            S < ``crop_size + 2 * jitter`` the jitter is limited to the room left, and with
+            S < ``crop_size`` the cutouts are first resized up to ``crop_size`` (the PSF width
+            in pixels grows by the same factor). A WARNING is logged once per size.
         ebv
             (B,) catalog E(B-V) in magnitudes; ``None`` or non-finite entries use
             ``config.default_ebv``.
@@ -607,23 +611,46 @@ class Augmentation(nn.Module):
                 f"expected {self.image_format} cutouts of shape (B, {self.channels}, S, S), "
                 f"got {tuple(images.shape)}"
             )
-        needed = self.config.crop_size + 2 * self.config.jitter
-        if side < needed:
-            raise ValueError(
-                f"cutouts of {side} px are too small for a {self.config.crop_size} px crop "
-                f"jittered by {self.config.jitter} px (need {needed} px); "
-                "lower augment.crop_size or augment.jitter"
-            )
         if parameters is None:
             parameters = self.sample(batch, images.device, generator)
 
+        # Pixel values as float: nanomaggies (FITS) or [0, 1] (JPEG).
         if self.image_format == "jpeg":
-            return self._jpeg_view(images, parameters, generator)
+            if images.dtype != torch.uint8:
+                raise ValueError(f"JPEG cutouts must be uint8 RGB, got dtype {images.dtype}")
+            pixels = images.float() / 255.0
+        else:
+            if not images.is_floating_point():
+                raise ValueError(
+                    f"FITS cutouts must be float nanomaggies, got dtype {images.dtype}"
+                )
+            pixels = images.float()
+
+        # Cutouts too small for the crop are resized up as evaluation_view does, and the jitter
+        # is limited to the room left, so training and embedding see the same pixel scale.
+        pixels = (
+            center_crop(pixels, self.config.crop_size) if side < self.config.crop_size else pixels
+        )
+        upsampling = pixels.shape[-1] / side
+        room = (pixels.shape[-1] - self.config.crop_size) // 2
+        if room < self.config.jitter:
+            if (side, self.config.jitter) not in _warned_jitter:
+                _warned_jitter.add((side, self.config.jitter))
+                logger.warning(
+                    "cutouts of %d px leave room for a jitter of %d px, not %d px; jittering less",
+                    side,
+                    room,
+                    self.config.jitter,
+                )
+            parameters = dataclasses.replace(parameters, shift=parameters.shift.clamp(-room, room))
+
+        if self.image_format == "jpeg":
+            return self._jpeg_view(pixels, parameters, generator)
         return self._fits_view(
-            images,
+            pixels,
             parameters,
             self._catalog_ebv(ebv, batch, images.device),
-            self._catalog_psf(psf_fwhm, batch, images.device),
+            self._catalog_psf(psf_fwhm, batch, images.device) * upsampling,
             generator,
         )
 
@@ -679,12 +706,9 @@ class Augmentation(nn.Module):
         )
 
     def _jpeg_view(
-        self, images: Tensor, draws: AugmentParameters, generator: torch.Generator | None
+        self, rgb: Tensor, draws: AugmentParameters, generator: torch.Generator | None
     ) -> Tensor:
         config = self.config
-        if images.dtype != torch.uint8:
-            raise ValueError(f"JPEG cutouts must be uint8 RGB, got dtype {images.dtype}")
-        rgb = images.float() / 255.0
 
         matrices = affine_matrices(draws.angle, draws.flip[:, 0], draws.flip[:, 1], draws.scale)
         rgb = affine_transform(rgb, matrices, padding_mode=config.padding_mode)

@@ -93,7 +93,10 @@ class PretrainConfig(_Section):
     """MoCo v2 pretraining."""
 
     backbone: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"
-    small_stem: bool = Field(True, description="Stride-1 conv1 and no max-pool, suited to 96 px inputs.")
+    small_stem: bool = Field(
+        False,
+        description="Stride-1 conv1 and no max-pool for 96 px inputs: about 16 times the compute of the standard stem.",
+    )
     projection_dim: int = Field(128, ge=1)
     queue_size: int = Field(4096, ge=1, description="Negatives in the MoCo queue.")
     temperature: float = Field(0.2, gt=0)
@@ -109,6 +112,18 @@ class PretrainConfig(_Section):
     devices: int | str = "auto"
     strategy: str = Field("auto", description="Lightning strategy, e.g. ddp.")
     seed: int = 0
+    shuffle_bn_splits: int = Field(
+        2, ge=1, description="On one device, key-encoder sub-batches that emulate shuffle-BN; 1 turns it off."
+    )
+    knn_k: int = Field(20, ge=1, description="Neighbours of the per-epoch k-NN monitor.")
+    knn_max_rows: int = Field(2000, ge=2, description="Labelled rows the k-NN monitor reads at most.")
+    magnitude_column: str | None = Field(
+        "mag_z", description="Cutout-store array to sample uniformly in; absent or None samples rows uniformly."
+    )
+    shuffle_shards: int = Field(2, ge=1, description="Shards whose rows are shuffled together in each worker.")
+    checkpoint_every_n_steps: int = Field(
+        0, ge=0, description="Also write last.ckpt every this many steps; 0 saves only after epochs and at max_steps."
+    )
 
 
 class EmbedConfig(_Section):

@@ -88,6 +88,19 @@ def magnitude_weights(magnitude: np.ndarray, bin_width: float = 0.25) -> np.ndar
     return weights / weights.sum()
 
 
+def _round_robin_counts(available: list[int], total: int) -> list[int]:
+    """Return how many of the first ``total`` items each source gives when items are taken from
+    the sources in turn, skipping sources that have run out (as a DataLoader takes batches from
+    its workers)."""
+    counts = [0] * len(available)
+    total = min(total, sum(available))
+    while sum(counts) < total:
+        for source, limit in enumerate(available):
+            if counts[source] < limit and sum(counts) < total:
+                counts[source] += 1
+    return counts
+
+
 class CutoutBatches(IterableDataset):
     """Batches of OK rows of a cutout store, read shard by shard.
 
@@ -111,6 +124,9 @@ class CutoutBatches(IterableDataset):
         shards of images.
     num_workers
         DataLoader worker processes that will iterate the dataset; needed for ``len()``.
+
+    Attributes such as ``skip_batches`` (batches of the current epoch to leave out, for a resumed
+    run) are read when iteration starts, so set them before creating the DataLoader iterator.
     rank, world_size
         DDP process rank and count; by default read from ``torch.distributed`` when initialised.
 
@@ -145,6 +161,7 @@ class CutoutBatches(IterableDataset):
         self.shuffle_shards = max(1, shuffle_shards)
         self.num_workers = num_workers
         self.epoch = 0
+        self.skip_batches = 0
         self._group: zarr.Group | None = None
         self._plan_cache: tuple[tuple[int, int], list[np.ndarray]] | None = None
 
@@ -199,6 +216,7 @@ class CutoutBatches(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose rows the next iteration yields."""
         self.epoch = epoch
+        self.skip_batches = 0
 
     # ------------------------------------------------------------------ planning
 
@@ -253,18 +271,14 @@ class CutoutBatches(IterableDataset):
         total = min(per_rank)
 
         available = full[self.rank * workers : (self.rank + 1) * workers]
-        counts = [0] * workers
-        while sum(counts) < total:
-            for worker in range(workers):
-                if counts[worker] < available[worker] and sum(counts) < total:
-                    counts[worker] += 1
-        return counts
+        return _round_robin_counts(available, total)
 
     def batches_in_epoch(self, epoch: int) -> int:
-        """Return the number of batches this rank yields in ``epoch``."""
+        """Return the number of batches this rank yields in a whole ``epoch``."""
         return sum(self._batches_per_worker(epoch))
 
     def __len__(self) -> int:
+        # The whole epoch, including skipped batches, because Lightning counts those as done.
         return self.batches_in_epoch(self.epoch)
 
     # ------------------------------------------------------------------ reading
@@ -306,8 +320,11 @@ class CutoutBatches(IterableDataset):
         slots = self.world_size * workers
         slot = self.rank * workers + worker
         sequence = self._slot_sequences(self.epoch, slots)[slot]
-        n_batches = self._batches_per_worker(self.epoch)[worker]
-        sequence = sequence[: n_batches * self.batch_size]
+        per_worker = self._batches_per_worker(self.epoch)
+        n_batches = per_worker[worker]
+        # A resumed epoch skips the batches this rank already yielded, in the DataLoader's order.
+        skipped = _round_robin_counts(per_worker, self.skip_batches)[worker]
+        sequence = sequence[skipped * self.batch_size : n_batches * self.batch_size]
 
         # Keep a shard in memory from its first to its last use in the sequence.
         shard = sequence // self.shard_rows

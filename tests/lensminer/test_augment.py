@@ -323,10 +323,32 @@ def test_augmentation_jpeg_without_noise_is_geometric() -> None:
     torch.testing.assert_close(out, expected, atol=5e-5, rtol=0)
 
 
-def test_augmentation_small_cutout() -> None:
+@pytest.mark.parametrize("side", [64, 100])
+def test_augmentation_small_cutout(side: int) -> None:
+    # 64 px is resized up to the 96 px crop; 100 px leaves room for a jitter of 2 px only.
     augment = Augmentation(image_format="fits", bands="grz")
-    with pytest.raises(ValueError, match="need 110 px"):
-        augment(torch.zeros(1, 3, 100, 100))
+    flux = _flux(15, shape=(2, 3, side, side), sigma=0.01)
+    out = augment(flux, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 3, 96, 96)
+    assert bool(torch.isfinite(out).all())
+
+
+def test_augmentation_limits_jitter() -> None:
+    config = AugmentConfig(
+        rotate=False,
+        flip_probability=0.0,
+        scale_range=(1.0, 1.0),
+        jpeg_noise_sigma_range=(0.0, 0.0),
+    )
+    augment = Augmentation(config, image_format="jpeg", bands="grz")
+    images = torch.randint(
+        0, 256, (1, 3, 100, 100), dtype=torch.uint8, generator=torch.Generator().manual_seed(3)
+    )
+    draws = augment.sample(1, "cpu", torch.Generator().manual_seed(0))
+    draws = dataclasses.replace(draws, shift=torch.tensor([[7, -7]]))
+    out = augment(images, parameters=draws)
+    expected = jitter_crop(images.float() / 255, 96, torch.tensor([[2, -2]]))
+    torch.testing.assert_close(out, expected, atol=5e-5, rtol=0)
 
 
 def test_augmentation_unsupported_band() -> None:

@@ -1,0 +1,301 @@
+"""MoCo v2 pretraining on a cutout store, with resumable Lightning checkpoints.
+
+``pretrain(cutouts_url, run_dir, pretrain_config, augment_config)`` trains
+:class:`lensminer.models.moco.MoCoV2`, writes ``{run_dir}/checkpoints/last.ckpt`` and exports the
+query encoder to ``{run_dir}/encoder.pt``. A rerun with ``resume=True`` continues from
+``last.ckpt``.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Checkpoint
+from torch.utils.data import DataLoader
+
+from lensminer import storage, stores
+from lensminer.config import AugmentConfig, PretrainConfig
+from lensminer.datasets import CutoutBatches, load_labelled_subset
+from lensminer.exceptions import ConfigError
+from lensminer.models.encoder import export_encoder
+from lensminer.models.moco import MoCoV2
+
+__all__ = ["PretrainResult", "pretrain"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PretrainResult:
+    """Outcome of :func:`pretrain`.
+
+    Attributes
+    ----------
+    encoder_url
+        URL of the exported query encoder.
+    checkpoint_url
+        URL of the Lightning checkpoint to resume from.
+    epochs
+        Epochs completed, including those of earlier runs that this one resumed.
+    steps
+        Optimizer steps completed in total.
+    losses
+        Mean InfoNCE loss of each completed epoch.
+    knn_accuracy
+        k-NN accuracy on the labelled rows after each epoch; NaN when the store has none.
+    """
+
+    encoder_url: str
+    checkpoint_url: str
+    epochs: int
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    knn_accuracy: list[float] = field(default_factory=list)
+
+
+def _batches_before(dataset: CutoutBatches, epoch: int) -> int:
+    return sum(dataset.batches_in_epoch(e) for e in range(epoch))
+
+
+class _EpochData(pl.Callback):
+    """Point the dataset at the current epoch and skip the batches a resumed epoch already ran.
+
+    Lightning does not call ``on_train_epoch_start`` when it resumes in the middle of an epoch,
+    so ``on_train_start`` (called on every fit) sets the dataset up too. Both run before the
+    DataLoader iterator of the epoch starts.
+    """
+
+    def __init__(self, dataset: CutoutBatches) -> None:
+        self.dataset = dataset
+
+    def _point_dataset(self, trainer: pl.Trainer) -> None:
+        epoch = trainer.current_epoch
+        self.dataset.set_epoch(epoch)
+        self.dataset.skip_batches = max(
+            0, trainer.global_step - _batches_before(self.dataset, epoch)
+        )
+        if self.dataset.skip_batches:
+            logger.debug("resuming epoch %d after %d batches", epoch, self.dataset.skip_batches)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._point_dataset(trainer)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._point_dataset(trainer)
+
+
+class _LastCheckpoint(Checkpoint):
+    """Write ``last.ckpt`` after full epochs, every ``every_n_steps`` steps and at ``max_steps``.
+
+    A run stopped by ``max_steps`` is saved in the middle of its epoch, so a resumed run finishes
+    that epoch (see :class:`_EpochData`) instead of starting the next one. Lightning's
+    ``ModelCheckpoint`` would also save when the cut-short epoch ends, which marks it finished.
+    As a :class:`Checkpoint` subclass it runs after the module's ``on_train_epoch_end``, so the
+    saved history includes the epoch just ended.
+    """
+
+    def __init__(
+        self, url: str, dataset: CutoutBatches, *, max_steps: int, every_n_steps: int
+    ) -> None:
+        self.url = url
+        self.dataset = dataset
+        self.max_steps = max_steps
+        self.every_n_steps = every_n_steps
+
+    def _save(self, trainer: pl.Trainer) -> None:
+        trainer.save_checkpoint(self.url)
+        logger.debug("saved %s at step %d", self.url, trainer.global_step)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        step = trainer.global_step
+        at_max = self.max_steps > 0 and step >= self.max_steps
+        periodic = self.every_n_steps > 0 and step % self.every_n_steps == 0
+        if at_max or periodic:
+            self._save(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        done_in_epoch = trainer.global_step - _batches_before(self.dataset, epoch)
+        if done_in_epoch >= self.dataset.batches_in_epoch(epoch):
+            self._save(trainer)
+
+
+def _trainer_device(config: PretrainConfig) -> tuple[str, str]:
+    """Return the Lightning accelerator and precision: bf16 autocast on GPUs, float32 on CPUs."""
+    accelerator = config.accelerator
+    if accelerator == "auto":
+        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"pretrain.accelerator is {config.accelerator!r} but no CUDA GPU is available; "
+            "use 'cpu'"
+        )
+    precision = "bf16-mixed" if accelerator in ("gpu", "cuda") else "32-true"
+    return accelerator, precision
+
+
+def pretrain(
+    cutouts_url: str,
+    run_dir: str,
+    pretrain: PretrainConfig,
+    augment: AugmentConfig,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    resume: bool = True,
+    allow_incomplete: bool = False,
+) -> PretrainResult:
+    """Train an encoder with MoCo v2 on the OK rows of a cutout store.
+
+    Parameters
+    ----------
+    cutouts_url
+        fsspec URL of a cutout store.
+    run_dir
+        fsspec URL of the run directory; receives ``checkpoints/last.ckpt`` and ``encoder.pt``.
+    pretrain, augment
+        Training and augmentation configuration.
+    storage_options
+        fsspec options for remote URLs (store, checkpoints and encoder).
+    resume
+        Continue from ``{run_dir}/checkpoints/last.ckpt`` when it exists; otherwise start anew
+        and overwrite it.
+    allow_incomplete
+        Train on a store with unfinished shards (their rows are skipped) instead of raising.
+
+    Returns
+    -------
+    PretrainResult
+
+    Raises
+    ------
+    StoreIncompleteError
+        If the store has unfinished shards and ``allow_incomplete`` is False.
+    ConfigError
+        If the queue size is not a multiple of the global batch size, or the store has fewer OK
+        rows than one batch.
+    """
+    group = stores.open_store(cutouts_url, "cutouts", storage_options=storage_options)
+    if not allow_incomplete:
+        stores.require_complete(group, cutouts_url)
+
+    # Data: full batches read shard by shard, and the labelled rows for the k-NN monitor.
+    dataset = CutoutBatches(
+        cutouts_url,
+        batch_size=pretrain.batch_size,
+        storage_options=storage_options,
+        seed=pretrain.seed,
+        magnitude_column=pretrain.magnitude_column,
+        shuffle_shards=pretrain.shuffle_shards,
+        num_workers=pretrain.num_workers,
+    )
+    epoch_steps = [dataset.batches_in_epoch(epoch) for epoch in range(pretrain.epochs)]
+    if min(epoch_steps) == 0:
+        raise ConfigError(
+            f"{cutouts_url!r} has {dataset.ok_rows.size} OK rows, fewer than one batch of "
+            f"{pretrain.batch_size} per worker; lower pretrain.batch_size or pretrain.num_workers"
+        )
+    # The cosine schedule spans all epochs. max_steps only stops early, so a run stopped at
+    # max_steps and resumed with a larger one follows the same learning rates as one run.
+    total_steps = sum(epoch_steps)
+    monitor = load_labelled_subset(
+        cutouts_url,
+        storage_options=storage_options,
+        max_rows=pretrain.knn_max_rows,
+        seed=pretrain.seed,
+    )
+
+    # Model: seeded so that the initial weights and queue depend on the configuration only.
+    pl.seed_everything(pretrain.seed, workers=True, verbose=False)
+    model = MoCoV2(
+        pretrain,
+        augment,
+        image_format=dataset.image_format,
+        bands=dataset.bands,
+        pixscale=dataset.pixscale,
+        steps_per_epoch=epoch_steps[0],
+        total_steps=total_steps,
+    )
+    model.monitor_data = monitor
+
+    checkpoint_dir = storage.join_url(run_dir, "checkpoints")
+    checkpoint_url = storage.join_url(checkpoint_dir, "last.ckpt")
+    ckpt_path = (
+        checkpoint_url if resume and storage.exists(checkpoint_url, storage_options) else None
+    )
+    if ckpt_path:
+        logger.info("resuming pretraining from %s", ckpt_path)
+
+    accelerator, precision = _trainer_device(pretrain)
+    checkpoints = _LastCheckpoint(
+        checkpoint_url,
+        dataset,
+        max_steps=pretrain.max_steps,
+        every_n_steps=pretrain.checkpoint_every_n_steps,
+    )
+    trainer = pl.Trainer(
+        accelerator=accelerator,
+        devices=pretrain.devices,
+        strategy=pretrain.strategy,
+        precision=precision,
+        max_epochs=pretrain.epochs,
+        max_steps=pretrain.max_steps,
+        callbacks=[_EpochData(dataset), checkpoints],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+        default_root_dir=run_dir if not storage.is_remote(run_dir) else None,
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=pretrain.num_workers,
+        pin_memory=accelerator != "cpu",
+    )
+
+    # Train. Lightning's warnings about few workers, an IterableDataset with a length and a
+    # mid-epoch resume do not apply: CutoutBatches plans every worker's batches and skips the
+    # batches a resumed epoch already ran.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")
+        warnings.filterwarnings(
+            "ignore", message=".*resuming from a checkpoint that ended before the epoch.*"
+        )
+        trainer.fit(model, train_dataloaders=loader, ckpt_path=ckpt_path)
+
+    # Export the query encoder with the whole configuration.
+    encoder_url = storage.join_url(run_dir, "encoder.pt")
+    if trainer.is_global_zero:
+        export_encoder(
+            model.encoder_q,
+            encoder_url,
+            config=pretrain,
+            augment=augment,
+            extra={
+                "cutouts_url": cutouts_url,
+                "epochs": trainer.current_epoch,
+                "steps": trainer.global_step,
+                "losses": list(model.history["loss"]),
+                "knn_accuracy": list(model.history["knn_accuracy"]),
+            },
+            storage_options=storage_options,
+        )
+    logger.info(
+        "pretraining finished after %d steps; encoder at %s", trainer.global_step, encoder_url
+    )
+
+    return PretrainResult(
+        encoder_url=encoder_url,
+        checkpoint_url=checkpoint_url,
+        epochs=len(model.history["loss"]),
+        steps=trainer.global_step,
+        losses=list(model.history["loss"]),
+        knn_accuracy=list(model.history["knn_accuracy"]),
+    )

@@ -1,0 +1,357 @@
+"""MoCo v2 (He et al. 2020; Chen et al. 2020, arXiv 2003.04297) as a Lightning module.
+
+A query encoder learns by gradient descent; a key encoder follows it as an exponential moving
+average. Each step makes two augmented views of the raw cutouts on the training device, embeds
+one with each encoder, and minimises InfoNCE between the query, its own key (the positive) and a
+queue of keys from earlier batches (the negatives).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lensminer.augment import Augmentation, evaluation_view
+from lensminer.config import AugmentConfig, PretrainConfig
+from lensminer.datasets import LabelledSubset
+from lensminer.exceptions import ConfigError
+from lensminer.models.encoder import Encoder, build_encoder
+
+__all__ = ["MoCoV2", "info_nce_loss", "knn_accuracy", "momentum_update", "warmup_cosine"]
+
+logger = logging.getLogger(__name__)
+
+
+def info_nce_loss(query: Tensor, key: Tensor, queue: Tensor, temperature: float) -> Tensor:
+    """Compute the InfoNCE loss with one positive per query and a shared set of negatives.
+
+    Parameters
+    ----------
+    query, key
+        (B, P) L2-normalised projections of two views of the same B images.
+    queue
+        (P, K) L2-normalised negatives.
+    temperature
+        Softmax temperature.
+
+    Returns
+    -------
+    Tensor
+        Scalar, the mean over the batch of ``-log softmax(logits)[positive]``.
+    """
+    positive = (query * key).sum(dim=1, keepdim=True)  # (B, 1)
+    negative = query @ queue  # (B, K)
+    logits = torch.cat([positive, negative], dim=1) / temperature
+    labels = torch.zeros(query.shape[0], dtype=torch.long, device=query.device)
+    return F.cross_entropy(logits, labels)
+
+
+@torch.no_grad()
+def momentum_update(key_encoder: nn.Module, query_encoder: nn.Module, momentum: float) -> None:
+    """Move each key-encoder parameter toward the query's: ``k = m * k + (1 - m) * q``.
+
+    Buffers (BatchNorm running statistics) are not averaged: the key encoder keeps its own,
+    updated by its forward passes in training mode, as in the reference MoCo implementation.
+    """
+    for key_param, query_param in zip(
+        key_encoder.parameters(), query_encoder.parameters(), strict=True
+    ):
+        key_param.mul_(momentum).add_(query_param.detach(), alpha=1.0 - momentum)
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Return the learning-rate factor at ``step``: linear warm-up, then cosine decay to 0."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def knn_accuracy(
+    train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor, k: int
+) -> float:
+    """Classify by a cosine-similarity-weighted vote of the k nearest training rows.
+
+    Parameters
+    ----------
+    train_features, test_features
+        (N, D) and (M, D) features; they are L2-normalised here.
+    train_labels, test_labels
+        (N,) and (M,) integer class labels.
+
+    Returns
+    -------
+    float
+        Share of test rows whose predicted class equals their label.
+    """
+    train = F.normalize(train_features.float(), dim=1)
+    test = F.normalize(test_features.float(), dim=1)
+    k = min(k, train.shape[0])
+
+    similarity, index = (test @ train.T).topk(k, dim=1)  # (M, k)
+    n_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    votes = torch.zeros(test.shape[0], n_classes, device=test.device)
+    votes.scatter_add_(1, train_labels[index], similarity.clamp(min=0) + 1e-6)
+    return float((votes.argmax(dim=1) == test_labels).float().mean())
+
+
+class MoCoV2(pl.LightningModule):
+    """MoCo v2 pretraining of an :class:`~lensminer.models.encoder.Encoder`.
+
+    Parameters
+    ----------
+    pretrain, augment
+        Configurations (or their dicts, as stored in a Lightning checkpoint).
+    image_format, bands, pixscale
+        The cutout store's attributes, for the augmentations.
+    steps_per_epoch
+        Optimizer steps per epoch, for the warm-up length.
+    total_steps
+        Optimizer steps of the whole run, for the cosine schedule.
+
+    Attributes
+    ----------
+    encoder_q, encoder_k
+        Query and key encoders; ``encoder_q`` is the one to export.
+    queue
+        (P, K) buffer of L2-normalised keys; ``queue_ptr`` (1,) int64 is the next column to fill.
+    history
+        Per-epoch ``loss`` and ``knn_accuracy`` (NaN without labelled rows), kept in checkpoints.
+    """
+
+    def __init__(
+        self,
+        pretrain: PretrainConfig | dict[str, Any],
+        augment: AugmentConfig | dict[str, Any],
+        *,
+        image_format: str,
+        bands: str,
+        pixscale: float,
+        steps_per_epoch: int,
+        total_steps: int,
+    ) -> None:
+        super().__init__()
+        self.config = PretrainConfig.model_validate(pretrain)
+        self.augment_config = AugmentConfig.model_validate(augment)
+        self.save_hyperparameters(
+            {
+                "pretrain": self.config.model_dump(mode="json"),
+                "augment": self.augment_config.model_dump(mode="json"),
+                "image_format": image_format,
+                "bands": bands,
+                "pixscale": pixscale,
+                "steps_per_epoch": steps_per_epoch,
+                "total_steps": total_steps,
+            }
+        )
+        self.image_format, self.bands = image_format, bands
+        self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
+
+        self.encoder_q: Encoder = build_encoder(
+            self.config, input_size=self.augment_config.crop_size
+        )
+        self.encoder_k: Encoder = copy.deepcopy(self.encoder_q)
+        for parameter in self.encoder_k.parameters():
+            parameter.requires_grad_(False)
+        self.encoder_q.to(memory_format=torch.channels_last)
+        self.encoder_k.to(memory_format=torch.channels_last)
+        self.augmentation = Augmentation(
+            self.augment_config, image_format=image_format, bands=bands, pixscale=pixscale
+        )
+
+        generator = torch.Generator().manual_seed(self.config.seed)
+        queue = torch.randn(self.config.projection_dim, self.config.queue_size, generator=generator)
+        self.register_buffer("queue", F.normalize(queue, dim=0))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+        self.history: dict[str, list[float]] = {"loss": [], "knn_accuracy": []}
+        self.monitor_data: LabelledSubset | None = None
+        self._epoch_loss: list[Tensor] = []
+
+    # ------------------------------------------------------------------ set-up
+
+    def setup(self, stage: str) -> None:
+        global_batch = self.config.batch_size * self.trainer.world_size
+        if self.config.queue_size % global_batch:
+            suggestion = global_batch * max(1, self.config.queue_size // global_batch)
+            raise ConfigError(
+                f"pretrain.queue_size ({self.config.queue_size}) must be a multiple of the global "
+                f"batch size ({self.config.batch_size} x {self.trainer.world_size} processes = "
+                f"{global_batch}); choose e.g. queue_size={suggestion}"
+            )
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = torch.optim.SGD(
+            self.encoder_q.parameters(),
+            lr=self.config.learning_rate,
+            momentum=0.9,
+            weight_decay=self.config.weight_decay,
+        )
+        warmup_steps = int(round(self.config.warmup_epochs * self.steps_per_epoch))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, warmup_steps, self.total_steps)
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    # ------------------------------------------------------------------ one step
+
+    def _step_generator(self, *, per_rank: bool) -> torch.Generator:
+        """Return a generator seeded by (seed, global step[, rank]), so a resumed run draws
+        the same augmentations as an uninterrupted one."""
+        key = [self.config.seed, self.global_step] + ([self.global_rank] if per_rank else [])
+        seed = int(np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0] >> 1)
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def _views(self, batch: Any) -> tuple[Tensor, Tensor]:
+        images, ebv, psf_fwhm, _ = batch
+        generator = self._step_generator(per_rank=True)
+        # The augmentations run in float32 even under bf16 autocast.
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            view_q = self.augmentation(images, ebv=ebv, psf_fwhm=psf_fwhm, generator=generator)
+            view_k = self.augmentation(images, ebv=ebv, psf_fwhm=psf_fwhm, generator=generator)
+        channels_last = torch.channels_last
+        return view_q.contiguous(memory_format=channels_last), view_k.contiguous(
+            memory_format=channels_last
+        )
+
+    @torch.no_grad()
+    def _keys(self, view_k: Tensor) -> tuple[Tensor, Tensor]:
+        """Embed the key views with BatchNorm statistics over a shuffled grouping of the batch.
+
+        Without it, the key and query of one image would share BatchNorm batch statistics, which
+        lets the model find the positive from batch statistics alone (MoCo's shuffle-BN). Under
+        DDP the views of all processes are gathered, shuffled and split, as in the reference
+        implementation. On one device the shuffled batch is embedded in ``shuffle_bn_splits``
+        sub-batches instead.
+
+        Returns
+        -------
+        local_keys
+            (B, P) keys of this process's images, in batch order.
+        all_keys
+            (world_size * B, P) keys of every process, to enqueue.
+        """
+        world_size, batch = self.trainer.world_size, view_k.shape[0]
+        generator = self._step_generator(per_rank=False)
+
+        if world_size > 1:
+            views = self.all_gather(view_k).flatten(0, 1)  # (W * B, 3, H, W)
+            order = torch.randperm(views.shape[0], generator=generator, device=self.device)
+            mine = order.view(world_size, batch)[self.global_rank]
+            keys = self.encoder_k(views[mine].contiguous(memory_format=torch.channels_last))[1]
+            shuffled = self.all_gather(keys).flatten(0, 1)  # keys of views[order]
+            all_keys = torch.empty_like(shuffled)
+            all_keys[order] = shuffled
+            start = self.global_rank * batch
+            return all_keys[start : start + batch], all_keys
+
+        order = torch.randperm(batch, generator=generator, device=self.device)
+        splits = min(self.config.shuffle_bn_splits, batch)
+        chunks = [self.encoder_k(view_k[part])[1] for part in order.tensor_split(splits)]
+        keys = torch.empty(
+            batch, self.config.projection_dim, device=self.device, dtype=chunks[0].dtype
+        )
+        keys[order] = torch.cat(chunks)
+        return keys, keys
+
+    @torch.no_grad()
+    def _enqueue(self, keys: Tensor) -> None:
+        count, pointer = keys.shape[0], int(self.queue_ptr)
+        self.queue[:, pointer : pointer + count] = keys.T.to(self.queue.dtype)
+        self.queue_ptr[0] = (pointer + count) % self.config.queue_size
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        view_q, view_k = self._views(batch)
+
+        _, query = self.encoder_q(view_q)
+        momentum_update(self.encoder_k, self.encoder_q, self.config.momentum)
+        local_keys, all_keys = self._keys(view_k)
+
+        loss = info_nce_loss(
+            query.float(), local_keys.float(), self.queue.clone(), self.config.temperature
+        )
+        self._enqueue(all_keys)
+
+        self._epoch_loss.append(loss.detach())
+        self.log("train_loss", loss, prog_bar=False, batch_size=view_q.shape[0])
+        return loss
+
+    # ------------------------------------------------------------------ epochs
+
+    def on_train_epoch_end(self) -> None:
+        # The losses of a run resumed mid-epoch include those restored from the checkpoint.
+        losses = [loss.to(self.device) for loss in self._epoch_loss]
+        self._epoch_loss = []
+        nan = torch.tensor(float("nan"), device=self.device)
+        loss = torch.stack(losses).mean() if losses else nan
+        if self.trainer.world_size > 1:
+            loss = self.all_gather(loss.to(self.device)).mean()
+        self.history["loss"].append(float(loss))
+
+        accuracy = self._knn_monitor()
+        self.history["knn_accuracy"].append(accuracy)
+        if not math.isnan(accuracy):
+            self.log("knn_accuracy", accuracy, rank_zero_only=True)
+        logger.debug(
+            "epoch %d: loss %.4f, k-NN accuracy %.3f", self.current_epoch, float(loss), accuracy
+        )
+
+    @torch.no_grad()
+    def _knn_monitor(self) -> float:
+        """Return the k-NN accuracy on the labelled rows (half as reference, half as test)."""
+        subset = self.monitor_data
+        if subset is None or subset.labels.numel() < 4:
+            return float("nan")
+
+        was_training = self.encoder_q.training
+        self.encoder_q.eval()
+        features = []
+        for start in range(0, subset.images.shape[0], 256):
+            images = subset.images[start : start + 256].to(self.device)
+            views = evaluation_view(
+                images,
+                image_format=self.image_format,
+                bands=self.bands,
+                crop_size=self.augment_config.crop_size,
+                config=self.augment_config,
+            )
+            features.append(
+                self.encoder_q(views.contiguous(memory_format=torch.channels_last))[0].float()
+            )
+        self.encoder_q.train(was_training)
+
+        representation = torch.cat(features)
+        labels = subset.labels.to(self.device)
+        order = torch.randperm(
+            labels.numel(), generator=torch.Generator().manual_seed(self.config.seed)
+        )
+        reference, test = order.tensor_split(2)
+        return knn_accuracy(
+            representation[reference],
+            labels[reference],
+            representation[test],
+            labels[test],
+            self.config.knn_k,
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["lensminer_history"] = {
+            name: list(values) for name, values in self.history.items()
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        stored = checkpoint.get("lensminer_history", {})
+        self.history = {name: list(stored.get(name, [])) for name in ("loss", "knn_accuracy")}

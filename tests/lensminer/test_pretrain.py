@@ -1,0 +1,135 @@
+"""End-to-end tests of MoCo pretraining on tiny synthetic cutout stores."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lensminer import stores
+from lensminer.config import AugmentConfig, PretrainConfig
+from lensminer.exceptions import ConfigError, StoreIncompleteError
+from lensminer.models.encoder import load_encoder
+from lensminer.pretrain import pretrain
+
+# Small views (32 px crops of 40 px cutouts) keep a CPU step well under a second.
+AUGMENT = AugmentConfig(crop_size=32, jitter=2)
+CONFIG = PretrainConfig(
+    backbone="resnet18", projection_dim=8, batch_size=4, queue_size=16, epochs=2, seed=5
+)
+
+
+def _store(url: str, n_rows: int = 16, *, done: bool = True) -> str:
+    """Write a FITS store of Gaussian blobs; label 1 marks the wider blobs."""
+    layout = stores.CutoutLayout("grz", 40, 0.262, "fits", "ls-dr9", "http://127.0.0.1/viewer/")
+    label = (np.arange(n_rows) % 2).astype(np.int8)
+    group = stores.create_cutout_store(
+        url,
+        target_id=[f"t{i}" for i in range(n_rows)],
+        ra=np.linspace(10.0, 11.0, n_rows),
+        dec=np.zeros(n_rows),
+        layout=layout,
+        shard_rows=8,
+        chunk_rows=4,
+        columns={
+            "label": label,
+            "ebv": np.full(n_rows, 0.03, np.float32),
+            "psf_fwhm": np.full((n_rows, 3), 1.2, np.float32),
+        },
+    )
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[-20:20, -20:20] + 0.5
+    width = np.where(label == 1, 6.0, 2.0)[:, None, None]
+    blobs = 0.5 * np.exp(-(x**2 + y**2)[None] / (2 * width**2))
+    images = blobs[:, None] * np.array([0.5, 1.0, 1.5])[None, :, None, None]
+    group["images"][:] = (images + rng.normal(0, 0.005, images.shape)).astype(np.float32)
+    group["status"][:] = np.ones(n_rows, np.uint8)
+    if done:
+        for shard in range(stores.shard_count(n_rows, 8)):
+            stores.mark_shard_done(group, shard)
+    return url
+
+
+def _checkpoint_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    checkpoint = torch.load(
+        run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
+    )
+    return checkpoint["state_dict"]
+
+
+@pytest.mark.slow
+def test_pretrain_end_to_end(tmp_path: Path) -> None:
+    url = _store(str(tmp_path / "c.zarr"))
+    result = pretrain(url, str(tmp_path / "run"), CONFIG, AUGMENT)
+
+    assert result.epochs == 2
+    assert result.steps == 8
+    assert len(result.losses) == 2
+    assert all(math.isfinite(loss) for loss in result.losses)
+    assert len(result.knn_accuracy) == 2
+    assert all(0.0 <= accuracy <= 1.0 for accuracy in result.knn_accuracy)
+    assert Path(result.checkpoint_url).is_file()
+
+    encoder = load_encoder(result.encoder_url)
+    assert encoder.pretrain_config == CONFIG
+    assert encoder.metadata["extra"]["steps"] == 8
+    with torch.no_grad():
+        _, projection = encoder(torch.rand(2, 3, 32, 32))
+    assert projection.shape == (2, 8)
+
+
+@pytest.mark.slow
+def test_resumed_run_equals_uninterrupted(tmp_path: Path) -> None:
+    # 16 rows in batches of 4 make 4 steps an epoch: stop at step 3, mid-epoch, and resume to 6.
+    url = _store(str(tmp_path / "c.zarr"))
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    pretrain(url, str(straight), CONFIG.model_copy(update={"max_steps": 6}), AUGMENT)
+    first = pretrain(url, str(resumed), CONFIG.model_copy(update={"max_steps": 3}), AUGMENT)
+    second = pretrain(url, str(resumed), CONFIG.model_copy(update={"max_steps": 6}), AUGMENT)
+
+    assert first.steps == 3
+    assert second.steps == 6
+    expected, found = _checkpoint_state(straight), _checkpoint_state(resumed)
+    assert expected.keys() == found.keys()
+    for name in (
+        "queue",
+        "queue_ptr",
+        "encoder_q.backbone.conv1.weight",
+        "encoder_k.projector.2.weight",
+    ):
+        torch.testing.assert_close(found[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    for name in expected:
+        torch.testing.assert_close(found[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_resume_false_starts_over(tmp_path: Path) -> None:
+    url = _store(str(tmp_path / "c.zarr"))
+    run_dir = str(tmp_path / "run")
+    pretrain(url, run_dir, CONFIG.model_copy(update={"max_steps": 2}), AUGMENT)
+    again = pretrain(
+        url, run_dir, CONFIG.model_copy(update={"max_steps": 2}), AUGMENT, resume=False
+    )
+    assert again.steps == 2
+
+
+def test_queue_size_not_multiple_of_batch(tmp_path: Path) -> None:
+    url = _store(str(tmp_path / "c.zarr"))
+    config = CONFIG.model_copy(update={"queue_size": 10})
+    with pytest.raises(ConfigError, match=r"queue_size \(10\) must be a multiple .* = 4\)"):
+        pretrain(url, str(tmp_path / "run"), config, AUGMENT)
+
+
+def test_incomplete_store_rejected(tmp_path: Path) -> None:
+    url = _store(str(tmp_path / "c.zarr"), done=False)
+    with pytest.raises(StoreIncompleteError, match="2 of 2 shards"):
+        pretrain(url, str(tmp_path / "run"), CONFIG, AUGMENT)
+
+
+def test_too_few_rows_for_a_batch(tmp_path: Path) -> None:
+    url = _store(str(tmp_path / "c.zarr"), n_rows=3)
+    with pytest.raises(ConfigError, match="fewer than one batch"):
+        pretrain(url, str(tmp_path / "run"), CONFIG, AUGMENT)

@@ -1,0 +1,179 @@
+"""Tests of the MoCo v2 pieces: loss, queue, momentum encoder, schedule and k-NN monitor."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lensminer.config import AugmentConfig, PretrainConfig
+from lensminer.models.moco import (
+    MoCoV2,
+    info_nce_loss,
+    knn_accuracy,
+    momentum_update,
+    warmup_cosine,
+)
+
+CONFIG = PretrainConfig(backbone="resnet18", projection_dim=8, queue_size=12, batch_size=4, seed=3)
+AUGMENT = AugmentConfig(crop_size=32, jitter=2)
+
+
+def _module(config: PretrainConfig = CONFIG) -> MoCoV2:
+    model = MoCoV2(
+        config,
+        AUGMENT,
+        image_format="fits",
+        bands="grz",
+        pixscale=0.262,
+        steps_per_epoch=5,
+        total_steps=10,
+    )
+    model.trainer = pl.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False
+    )
+    return model
+
+
+def test_info_nce_matches_reference() -> None:
+    generator = torch.Generator().manual_seed(0)
+    query = F.normalize(torch.randn(5, 8, generator=generator), dim=1)
+    key = F.normalize(torch.randn(5, 8, generator=generator), dim=1)
+    queue = F.normalize(torch.randn(8, 7, generator=generator), dim=0)
+    temperature = 0.2
+
+    expected = 0.0
+    for i in range(5):
+        positive = math.exp(float(query[i] @ key[i]) / temperature)
+        negatives = sum(math.exp(float(query[i] @ queue[:, j]) / temperature) for j in range(7))
+        expected += -math.log(positive / (positive + negatives)) / 5
+    assert abs(float(info_nce_loss(query, key, queue, temperature)) - expected) < 1e-5
+
+
+def test_info_nce_perfect_positive() -> None:
+    # A positive far more similar than every negative gives a loss near zero.
+    query = torch.eye(4)
+    queue = -torch.eye(4).repeat(1, 3)
+    assert float(info_nce_loss(query, query, queue, 0.05)) < 1e-6
+
+
+def test_momentum_update_formula() -> None:
+    torch.manual_seed(0)
+    query, key = nn.Linear(3, 2), nn.Linear(3, 2)
+    expected = [
+        0.9 * k.detach() + 0.1 * q.detach()
+        for k, q in zip(key.parameters(), query.parameters(), strict=True)
+    ]
+    momentum_update(key, query, 0.9)
+    for found, reference in zip(key.parameters(), expected, strict=True):
+        torch.testing.assert_close(found.detach(), reference)
+
+
+def test_momentum_one_freezes_keys() -> None:
+    torch.manual_seed(0)
+    query, key = nn.Linear(3, 2), nn.Linear(3, 2)
+    before = key.weight.detach().clone()
+    momentum_update(key, query, 1.0)
+    torch.testing.assert_close(key.weight.detach(), before)
+
+
+def test_queue_enqueue_and_wrap() -> None:
+    model = _module()
+    keys = [torch.full((4, 8), float(i)) for i in range(1, 5)]
+    model._enqueue(keys[0])
+    assert int(model.queue_ptr) == 4
+    model._enqueue(keys[1])
+    model._enqueue(keys[2])
+    assert int(model.queue_ptr) == 0
+    model._enqueue(keys[3])
+    assert int(model.queue_ptr) == 4
+    # Columns 0-3 were overwritten by the fourth batch, 4-7 and 8-11 keep the second and third.
+    assert bool((model.queue[:, 0:4] == 4.0).all())
+    assert bool((model.queue[:, 4:8] == 2.0).all())
+    assert bool((model.queue[:, 8:12] == 3.0).all())
+
+
+def test_queue_is_checkpointed_buffer() -> None:
+    state = _module().state_dict()
+    assert state["queue"].shape == (8, 12)
+    assert "queue_ptr" in state
+
+
+def test_initial_queue_is_normalised_and_seeded() -> None:
+    first, second = _module(), _module()
+    torch.testing.assert_close(first.queue.norm(dim=0), torch.ones(12))
+    torch.testing.assert_close(first.queue, second.queue)
+
+
+def test_key_encoder_has_no_gradients() -> None:
+    model = _module()
+    assert not any(p.requires_grad for p in model.encoder_k.parameters())
+
+
+def test_shuffled_keys_keep_batch_order() -> None:
+    # In eval mode BatchNorm ignores the grouping, so shuffled sub-batches give the direct keys.
+    model = _module(CONFIG.model_copy(update={"shuffle_bn_splits": 3}))
+    model.encoder_k.eval()
+    views = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    local_keys, all_keys = model._keys(views)
+    with torch.no_grad():
+        expected = model.encoder_k(views)[1]
+    torch.testing.assert_close(local_keys, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(all_keys, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_training_step_views_are_seeded() -> None:
+    model = _module()
+    images = torch.randn(4, 3, 40, 40, generator=torch.Generator().manual_seed(2)) * 0.01
+    batch = (images, torch.zeros(4), torch.full((4, 3), 1.2), torch.arange(4))
+    first_q, first_k = model._views(batch)
+    second_q, _ = model._views(batch)
+    assert first_q.shape == (4, 3, 32, 32)
+    torch.testing.assert_close(first_q, second_q)
+    assert not torch.equal(first_q, first_k)
+
+
+@pytest.mark.parametrize(
+    ("step", "expected"),
+    [(0, 0.25), (3, 1.0), (4, 1.0), (7, 0.5 * (1 + math.cos(math.pi * 0.5))), (10, 0.0), (12, 0.0)],
+)
+def test_warmup_cosine_values(step: int, expected: float) -> None:
+    assert abs(warmup_cosine(step, warmup_steps=4, total_steps=10) - expected) < 1e-12
+
+
+def test_knn_separable_clusters() -> None:
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    labels = torch.arange(40) % 2
+    features = centres[labels] + 0.05 * torch.randn(40, 3, generator=generator)
+    assert knn_accuracy(features[:20], labels[:20], features[20:], labels[20:], k=5) == 1.0
+
+
+def test_knn_matches_reference() -> None:
+    rng = np.random.default_rng(4)
+    train, test = rng.normal(size=(30, 6)), rng.normal(size=(15, 6))
+    train_labels, test_labels = rng.integers(0, 2, 30), rng.integers(0, 2, 15)
+
+    correct = 0
+    unit_train = train / np.linalg.norm(train, axis=1, keepdims=True)
+    for row, label in zip(test, test_labels, strict=True):
+        similarity = unit_train @ (row / np.linalg.norm(row))
+        nearest = np.argsort(-similarity)[:7]
+        votes = np.zeros(2)
+        for index in nearest:
+            votes[train_labels[index]] += max(similarity[index], 0.0) + 1e-6
+        correct += int(np.argmax(votes) == label)
+
+    found = knn_accuracy(
+        torch.from_numpy(train),
+        torch.from_numpy(train_labels),
+        torch.from_numpy(test),
+        torch.from_numpy(test_labels),
+        7,
+    )
+    assert abs(found - correct / 15) < 1e-6
