@@ -36,7 +36,9 @@ __all__ = [
     "evaluation_view",
     "gaussian_blur",
     "jitter_crop",
+    "blur_radius",
     "redden",
+    "resample_window",
     "rgb_band_indices",
     "viewer_stretch",
 ]
@@ -303,12 +305,17 @@ def affine_transform(
     )
 
 
-def gaussian_blur(images: Tensor, sigma: Tensor) -> Tensor:
+def blur_radius(sigma: Tensor) -> int:
+    """Return the kernel radius in pixels that :func:`gaussian_blur` uses for these sigmas."""
+    max_sigma = float(sigma.max()) if sigma.numel() else 0.0
+    return int(KERNEL_TRUNCATE * max_sigma + 0.5)
+
+
+def gaussian_blur(images: Tensor, sigma: Tensor, *, padding: str = "reflect") -> Tensor:
     """Blur each image and band with its own circular Gaussian.
 
     The blur is separable: one grouped convolution along rows and one along columns, with one
-    kernel per (image, band). Kernels are cut at ``KERNEL_TRUNCATE * max(sigma)`` and edges are
-    mirror-padded without repeating the edge pixel (scipy's ``mode="mirror"``).
+    kernel per (image, band). Kernels are cut at ``KERNEL_TRUNCATE * max(sigma)``.
 
     Parameters
     ----------
@@ -316,15 +323,22 @@ def gaussian_blur(images: Tensor, sigma: Tensor) -> Tensor:
         Shape (B, C, H, W), float.
     sigma
         Shape (B, C), Gaussian sigma in pixels; 0 leaves that band unchanged.
+    padding
+        ``"reflect"`` mirrors the edges without repeating the edge pixel (scipy's
+        ``mode="mirror"``) and keeps the size. ``"valid"`` does not pad, so the output loses
+        :func:`blur_radius` pixels on each side.
 
     Returns
     -------
     Tensor
-        Shape (B, C, H, W).
+        Shape (B, C, H, W), or (B, C, H - 2r, W - 2r) with ``padding="valid"``.
     """
     batch, channels, height, width = images.shape
-    max_sigma = float(sigma.max()) if sigma.numel() else 0.0
-    radius = min(int(KERNEL_TRUNCATE * max_sigma + 0.5), height - 1, width - 1)
+    radius = blur_radius(sigma)
+    if padding == "reflect":
+        radius = min(radius, height - 1, width - 1)
+    elif padding != "valid":
+        raise ValueError(f"unknown padding {padding!r}; expected 'reflect' or 'valid'")
     if radius == 0:
         return images
 
@@ -339,10 +353,55 @@ def gaussian_blur(images: Tensor, sigma: Tensor) -> Tensor:
     # Fold the batch into channels so one grouped convolution applies every kernel.
     groups = batch * channels
     stacked = images.reshape(1, groups, height, width)
-    stacked = F.pad(stacked, (radius, radius, radius, radius), mode="reflect")
+    if padding == "reflect":
+        stacked = F.pad(stacked, (radius, radius, radius, radius), mode="reflect")
     stacked = F.conv2d(stacked, kernels.view(groups, 1, -1, 1), groups=groups)
     stacked = F.conv2d(stacked, kernels.view(groups, 1, 1, -1), groups=groups)
-    return stacked.reshape(batch, channels, height, width)
+    return stacked.reshape(batch, channels, *stacked.shape[-2:])
+
+
+def resample_window(
+    images: Tensor, matrices: Tensor, shift: Tensor, size: int, *, padding_mode: str = "reflection"
+) -> Tensor:
+    """Resample a ``size`` x ``size`` window of the transformed images in one ``grid_sample``.
+
+    Equal to ``jitter_crop(affine_transform(images, matrices), size, shift)`` but samples only
+    the window's pixels, and the window may reach past the image (filled by ``padding_mode``).
+
+    Parameters
+    ----------
+    images
+        Shape (B, C, S, S), float.
+    matrices
+        Shape (B, 2, 2), output-to-input maps from :func:`affine_matrices`.
+    shift
+        Shape (B, 2), integer (row, column) shift of the window centre from the image centre,
+        in the transformed image.
+    size
+        Side of the window in pixels.
+
+    Returns
+    -------
+    Tensor
+        Shape (B, C, size, size).
+    """
+    side = images.shape[-1]
+    centre = (side - 1) / 2
+    dtype, device = images.dtype, images.device
+
+    # Pixel offsets (x, y) of the window from the image centre, in the transformed image.
+    start = (side - size) // 2 - centre
+    steps = torch.arange(size, device=device, dtype=dtype) + start
+    rows = steps[None, :, None] + shift[:, 0, None, None].to(dtype)  # (B, size, 1)
+    cols = steps[None, None, :] + shift[:, 1, None, None].to(dtype)  # (B, 1, size)
+    offsets = torch.stack(torch.broadcast_tensors(cols, rows), dim=-1)  # (B, size, size, 2)
+
+    # Map to input offsets, then to grid_sample's normalised coordinates (align_corners=False).
+    source = torch.einsum("bij,bhwj->bhwi", matrices.to(dtype), offsets)
+    grid = (2.0 * (source + centre) + 1.0) / side - 1.0
+    return F.grid_sample(
+        images, grid, mode="bilinear", padding_mode=padding_mode, align_corners=False
+    )
 
 
 def jitter_crop(images: Tensor, size: int, shift: Tensor) -> Tensor:
@@ -684,17 +743,20 @@ class Augmentation(nn.Module):
         coefficients = [config.reddening_coefficients[i] for i in self._band_index]
         flux = redden(flux, ebv, draws.ebv_new, coefficients)
 
-        # 2-3. Flips, rotation and scaling in one resampling.
-        matrices = affine_matrices(draws.angle, draws.flip[:, 0], draws.flip[:, 1], draws.scale)
-        flux = affine_transform(flux, matrices, padding_mode=config.padding_mode)
-
-        # 4. PSF blur from the image's own width, which the scaling multiplied by `scale`.
+        # 2-5. Flips, rotation, scaling and the jittered crop in one resampling of the crop
+        # window plus a margin for the blur, so only the pixels that reach the view are computed.
         own_sigma = psf_fwhm / self.pixscale / FWHM_PER_SIGMA * draws.scale[:, None]
         blur_sigma = torch.sqrt(torch.clamp(draws.psf_sigma_target**2 - own_sigma**2, min=0.0))
-        flux = gaussian_blur(flux, blur_sigma)
+        margin = blur_radius(blur_sigma)
+        matrices = affine_matrices(draws.angle, draws.flip[:, 0], draws.flip[:, 1], draws.scale)
+        window = config.crop_size + 2 * margin
+        flux = resample_window(
+            flux, matrices, draws.shift, window, padding_mode=config.padding_mode
+        )
 
-        # 5. Jittered crop.
-        flux = jitter_crop(flux, config.crop_size, draws.shift)
+        # 4. PSF blur from the image's own width (which the scaling multiplied by `scale`) to
+        # the target, using the margin instead of padding.
+        flux = gaussian_blur(flux, blur_sigma, padding="valid")
 
         # 6. Noise up to the target level, measured after the blur has smoothed the image's own.
         own_noise = border_noise_sigma(flux, config.noise_border)
@@ -711,8 +773,9 @@ class Augmentation(nn.Module):
         config = self.config
 
         matrices = affine_matrices(draws.angle, draws.flip[:, 0], draws.flip[:, 1], draws.scale)
-        rgb = affine_transform(rgb, matrices, padding_mode=config.padding_mode)
-        rgb = jitter_crop(rgb, config.crop_size, draws.shift)
+        rgb = resample_window(
+            rgb, matrices, draws.shift, config.crop_size, padding_mode=config.padding_mode
+        )
 
         own_noise = border_noise_sigma(rgb, config.noise_border)
         rgb = add_noise(rgb, draws.noise_sigma_target, own_noise, generator)

@@ -14,6 +14,7 @@ from lensminer.augment import (
     FWHM_PER_SIGMA,
     Augmentation,
     add_noise,
+    blur_radius,
     affine_matrices,
     affine_transform,
     border_noise_sigma,
@@ -22,6 +23,7 @@ from lensminer.augment import (
     gaussian_blur,
     jitter_crop,
     redden,
+    resample_window,
     viewer_stretch,
 )
 from lensminer.config import AugmentConfig
@@ -179,6 +181,32 @@ def test_affine_matches_scipy() -> None:
                 images[b, c].double().numpy(), m_rc, offset=offset, order=1, mode="reflect"
             )
             np.testing.assert_allclose(out[b, c, 8:-8, 8:-8], reference[8:-8, 8:-8], atol=1e-5)
+
+
+def test_resample_window_equals_transform_then_crop() -> None:
+    images = _flux(16, shape=(3, 2, 60, 60))
+    matrices = affine_matrices(
+        torch.tensor([0.4, 3.0, 5.5]),
+        torch.tensor([True, False, False]),
+        torch.tensor([False, False, True]),
+        torch.tensor([0.92, 1.0, 1.07]),
+    )
+    shift = torch.tensor([[0, 0], [3, -2], [-4, 4]])
+    expected = jitter_crop(affine_transform(images, matrices), 40, shift)
+    torch.testing.assert_close(
+        resample_window(images, matrices, shift, 40), expected, atol=1e-5, rtol=1e-5
+    )
+
+
+def test_valid_blur_equals_padded_interior() -> None:
+    images = _flux(17, shape=(2, 3, 50, 50))
+    sigma = torch.tensor([[0.0, 1.5, 2.5], [2.0, 0.5, 1.0]])
+    radius = blur_radius(sigma)
+    valid = gaussian_blur(images, sigma, padding="valid")
+    assert valid.shape == (2, 3, 50 - 2 * radius, 50 - 2 * radius)
+    torch.testing.assert_close(
+        valid, gaussian_blur(images, sigma)[..., radius:-radius, radius:-radius]
+    )
 
 
 def test_blur_zero_sigma_is_identity() -> None:

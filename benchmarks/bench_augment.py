@@ -1,0 +1,192 @@
+"""Benchmark of the batched torch augmentations against a per-image NumPy/SciPy loop.
+
+Both paths make one training view of each cutout in a batch of synthetic FITS cutouts
+(float32 nanomaggies, 3 x 152 x 152) with the same seven steps and parameters: reddening,
+flips and rotation with scaling (one bilinear resampling), PSF blur, jitter crop, noise and the
+viewer RGB stretch. The reference runs ``scipy.ndimage.affine_transform`` and
+``scipy.ndimage.gaussian_filter`` image by image and band by band, as a Dataset ``__getitem__``
+would. The target is a speed-up of at least 10x.
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/bench_augment.py --batch 64 --repeats 5
+
+Results go to standard output as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import time
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from lensminer.augment import (
+    FWHM_PER_SIGMA,
+    AugmentParameters,
+    Augmentation,
+    affine_matrices,
+    border_noise_sigma,
+)
+from lensminer.config import AugmentConfig
+from lensminer.rgb import viewer_rgb
+
+
+def reference_view(
+    flux: np.ndarray,
+    ebv: float,
+    psf_fwhm: np.ndarray,
+    draws: AugmentParameters,
+    index: int,
+    config: AugmentConfig,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Make one view of one (3, S, S) cutout with NumPy and SciPy, band by band."""
+    side = flux.shape[-1]
+    centre = (side - 1) / 2
+
+    # 1. Reddening.
+    coefficients = np.asarray(config.reddening_coefficients)
+    flux = flux * 10.0 ** (-0.4 * coefficients * (float(draws.ebv_new[index]) - ebv))[:, None, None]
+
+    # 2-3. Flips, rotation and scaling.
+    matrix = (
+        affine_matrices(
+            draws.angle[index : index + 1],
+            draws.flip[index : index + 1, 0],
+            draws.flip[index : index + 1, 1],
+            draws.scale[index : index + 1],
+        )[0]
+        .double()
+        .numpy()
+    )
+    matrix_rc = np.array([[matrix[1, 1], matrix[1, 0]], [matrix[0, 1], matrix[0, 0]]])
+    offset = centre - matrix_rc @ np.array([centre, centre])
+    flux = np.stack(
+        [
+            ndimage.affine_transform(band, matrix_rc, offset=offset, order=1, mode="reflect")
+            for band in flux
+        ]
+    )
+
+    # 4. PSF blur.
+    own = psf_fwhm / 0.262 / FWHM_PER_SIGMA * float(draws.scale[index])
+    target = draws.psf_sigma_target[index].numpy()
+    sigma = np.sqrt(np.maximum(target**2 - own**2, 0.0))
+    flux = np.stack(
+        [
+            ndimage.gaussian_filter(band, s, mode="mirror")
+            for band, s in zip(flux, sigma, strict=True)
+        ]
+    )
+
+    # 5. Jitter crop.
+    size = config.crop_size
+    row, col = (side - size) // 2 + draws.shift[index].numpy()
+    flux = flux[:, row : row + size, col : col + size]
+
+    # 6. Noise.
+    own_noise = border_noise_sigma(
+        torch.from_numpy(flux[None].astype(np.float32)), config.noise_border
+    )[0].numpy()
+    added = np.sqrt(np.maximum(draws.noise_sigma_target[index].numpy() ** 2 - own_noise**2, 0.0))
+    flux = flux + rng.normal(size=flux.shape) * added[:, None, None]
+
+    # 7. RGB stretch.
+    return viewer_rgb(flux.astype(np.float32), "grz")
+
+
+def _first_rows(draws: AugmentParameters, count: int) -> AugmentParameters:
+    fields = {field.name: getattr(draws, field.name)[:count] for field in dataclasses.fields(draws)}
+    return AugmentParameters(**fields)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=64, help="Cutouts per batch.")
+    parser.add_argument("--size", type=int, default=152, help="Cutout side in pixels.")
+    parser.add_argument("--repeats", type=int, default=5, help="Timed batches of the torch path.")
+    parser.add_argument(
+        "--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads."
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    config = AugmentConfig()
+    augment = Augmentation(config, image_format="fits", bands="grz")
+    rng = np.random.default_rng(0)
+    flux = rng.normal(0.0, 0.005, size=(args.batch, 3, args.size, args.size)).astype(np.float32)
+    ebv = rng.uniform(0.0, 0.1, args.batch).astype(np.float32)
+    psf_fwhm = rng.uniform(0.9, 1.6, (args.batch, 3)).astype(np.float32)
+    images = torch.from_numpy(flux)
+    draws = augment.sample(args.batch, "cpu", torch.Generator().manual_seed(0))
+
+    # Torch: one warm-up batch, then the median of the timed ones.
+    def run_torch() -> torch.Tensor:
+        return augment(
+            images,
+            ebv=torch.from_numpy(ebv),
+            psf_fwhm=torch.from_numpy(psf_fwhm),
+            generator=torch.Generator().manual_seed(1),
+            parameters=draws,
+        )
+
+    run_torch()
+    torch_seconds = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        run_torch()
+        torch_seconds.append(time.perf_counter() - start)
+
+    # Reference: one pass over the batch.
+    start = time.perf_counter()
+    np.stack(
+        [
+            reference_view(flux[i], float(ebv[i]), psf_fwhm[i], draws, i, config, rng)
+            for i in range(args.batch)
+        ]
+    )
+    reference_seconds = time.perf_counter() - start
+
+    # The paths draw different noise, so check agreement on noise-free views of a few cutouts.
+    quiet = dataclasses.replace(
+        draws, noise_sigma_target=torch.zeros_like(draws.noise_sigma_target)
+    )
+    count = min(8, args.batch)
+    quiet_torch = augment(
+        images[:count],
+        ebv=torch.from_numpy(ebv[:count]),
+        psf_fwhm=torch.from_numpy(psf_fwhm[:count]),
+        parameters=_first_rows(quiet, count),
+    ).numpy()
+    quiet_reference = np.stack(
+        [
+            reference_view(flux[i], float(ebv[i]), psf_fwhm[i], quiet, i, config, rng)
+            for i in range(count)
+        ]
+    )
+    difference = float(np.max(np.abs(quiet_torch - quiet_reference)))
+    torch_per_batch = float(np.median(torch_seconds))
+    print(
+        json.dumps(
+            {
+                "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+                "batch": args.batch,
+                "size": args.size,
+                "torch_images_per_second": args.batch / torch_per_batch,
+                "reference_images_per_second": args.batch / reference_seconds,
+                "speedup": reference_seconds / torch_per_batch,
+                "max_abs_difference_without_noise": difference,
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
