@@ -12,7 +12,7 @@ from fsspec.core import url_to_fs
 
 from lensminer.exceptions import StoreNotFoundError
 
-__all__ = ["exists", "filesystem", "is_remote", "join_url", "open_group", "read_json", "write_json"]
+__all__ = ["exists", "filesystem", "is_remote", "join_url", "open_file", "open_group", "read_json", "write_json"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +31,11 @@ def join_url(base: str, *parts: str) -> str:
 def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """Return the fsspec file system and the protocol-free path of ``url``."""
     return url_to_fs(url, **(storage_options or {}))
+
+
+def open_file(url: str, mode: str = "rb", storage_options: dict[str, Any] | None = None) -> Any:
+    """Open a file at a local path or fsspec URL; ``storage_options`` apply to remote URLs only."""
+    return fsspec.open(url, mode, **(storage_options if is_remote(url) and storage_options else {}))
 
 
 def exists(url: str, storage_options: dict[str, Any] | None = None) -> bool:

@@ -101,6 +101,11 @@ def shard_slice(index: int, n_rows: int, shard_rows: int) -> slice:
     return slice(start, min(start + shard_rows, n_rows))
 
 
+def _as_ids(target_id: Sequence[str] | np.ndarray) -> np.ndarray:
+    # Zarr returns numpy StringDType arrays, which refuse a plain astype(str); go through Python str.
+    return np.asarray([str(value) for value in np.asarray(target_id).tolist()], dtype=str)
+
+
 def _row_array(group: zarr.Group, name: str, n_rows: int, shard_rows: int, dtype: Any, fill: Any) -> zarr.Array:
     # Per-row arrays use one chunk per shard, so the writer of a shard owns the whole chunk.
     return group.create_array(name, shape=(n_rows,), chunks=(shard_rows,), dtype=dtype, fill_value=fill)
@@ -165,7 +170,7 @@ def create_cutout_store(
     StoreError
         If a store for other targets or of another kind already exists at ``url``.
     """
-    ids = np.asarray(target_id).astype(str)
+    ids = _as_ids(target_id)
     n_rows = ids.shape[0]
     if n_rows == 0:
         raise StoreError("cannot create a cutout store for 0 targets; check the target table")
@@ -258,7 +263,7 @@ def create_embedding_store(
     StoreError
         If a store for other targets or of another kind already exists at ``url``.
     """
-    ids = np.asarray(target_id).astype(str)
+    ids = _as_ids(target_id)
     n_rows = ids.shape[0]
     try:
         group = storage.open_group(url, mode="r+", storage_options=storage_options)
