@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,6 +149,7 @@ def pretrain(
     storage_options: dict[str, Any] | None = None,
     resume: bool = True,
     allow_incomplete: bool = False,
+    callbacks: Sequence[pl.Callback] = (),
 ) -> PretrainResult:
     """Train an encoder with MoCo v2 on the OK rows of a cutout store.
 
@@ -166,6 +168,8 @@ def pretrain(
         and overwrite it.
     allow_incomplete
         Train on a store with unfinished shards (their rows are skipped) instead of raising.
+    callbacks
+        Further Lightning callbacks, e.g. for timing or logging.
 
     Returns
     -------
@@ -244,7 +248,7 @@ def pretrain(
         precision=precision,
         max_epochs=pretrain.epochs,
         max_steps=pretrain.max_steps,
-        callbacks=[_EpochData(dataset), checkpoints],
+        callbacks=[_EpochData(dataset), checkpoints, *callbacks],
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
