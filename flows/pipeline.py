@@ -60,10 +60,12 @@ def embed_task_runner(embed: EmbedConfig) -> ThreadPoolTaskRunner | DaskTaskRunn
         "n_workers": embed.n_workers,
         "threads_per_worker": embed.threads_per_worker,
         "processes": processes,
-        "host": "127.0.0.1",
         "dashboard_address": "127.0.0.1:0",
     }
-    if not processes:
+    if processes:
+        cluster_kwargs["host"] = "127.0.0.1"
+    else:
+        # Thread workers talk to the scheduler in-process; only their dashboards listen on a port.
         cluster_kwargs["worker_dashboard_address"] = "127.0.0.1:0"
     return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=cluster_kwargs)
 
@@ -78,7 +80,7 @@ def embed_flow(
     storage_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Embed every pending shard of the cutout store, one task per shard, then verify the store."""
-    pending = prepare_embeddings_task(cutouts_url, encoder_url, embeddings_url, embed, storage_options)
+    pending = prepare_embeddings_task(cutouts_url, encoder_url, embeddings_url, embed, augment, storage_options)
     futures = embed_shard_task.map(
         pending,
         unmapped(cutouts_url),

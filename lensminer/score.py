@@ -61,6 +61,8 @@ class ScoreResult:
         The contents of the metrics JSON.
     n_scored
         Rows scored (the valid rows of the embedding store).
+    top_row
+        Store row of the best-ranked candidate.
     """
 
     candidates_url: str
@@ -68,6 +70,7 @@ class ScoreResult:
     metrics_url: str
     metrics: dict[str, Any]
     n_scored: int
+    top_row: int
 
 
 def viewer_url(ra: float, dec: float, layer: str = "ls-dr9") -> str:
@@ -321,4 +324,4 @@ def score_embeddings(
         metrics["recall_in_top_5_percent"],
         out_dir,
     )
-    return ScoreResult(candidates_url, grid_url, metrics_url, metrics, int(scored.size))
+    return ScoreResult(candidates_url, grid_url, metrics_url, metrics, int(scored.size), int(ranked[0]))

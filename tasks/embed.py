@@ -20,11 +20,12 @@ def prepare_embeddings_task(
     encoder_url: str,
     embeddings_url: str,
     embed: EmbedConfig,
+    augment: AugmentConfig,
     storage_options: dict[str, Any] | None = None,
 ) -> list[int]:
     """Create or reopen the embedding store and return the shards still to embed."""
     pending = prepare_embedding_store(
-        cutouts_url, encoder_url, embeddings_url, embed, storage_options=storage_options
+        cutouts_url, encoder_url, embeddings_url, embed, augment=augment, storage_options=storage_options
     )
     get_run_logger().info("%d shards of %s still to embed", len(pending), embeddings_url)
     return pending

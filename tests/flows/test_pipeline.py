@@ -58,7 +58,7 @@ def test_flow_fills_every_store(small_sky_run):
     config, summary = small_sky_run
     cutouts = stores.open_store(config.cutouts_url, "cutouts")
     embeddings = stores.open_store(config.embeddings_url, "embeddings")
-    assert summary["download"]["counts"].get("ok") == 96
+    assert summary["download"]["counts"]["OK"] == 96
     assert stores.pending_shards(cutouts) == []
     assert stores.pending_shards(embeddings) == []
     assert embeddings["target_id"][:].tolist() == cutouts["target_id"][:].tolist()
@@ -93,7 +93,7 @@ def test_local_runner_without_api_uses_threads(monkeypatch):
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     runner = embed_task_runner(load_config(None, {"embed.scheduler": "local"}).embed)
     assert runner.cluster_kwargs["processes"] is False
-    assert runner.cluster_kwargs["host"] == "127.0.0.1"
+    assert runner.cluster_kwargs["dashboard_address"].startswith("127.0.0.1:")
 
 
 def test_unknown_scheduler_rejected():
