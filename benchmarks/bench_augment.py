@@ -1,7 +1,7 @@
 """Benchmark of the batched torch augmentations against a per-image NumPy/SciPy loop.
 
 Both paths make one training view of each cutout in a batch of synthetic FITS cutouts
-(float32 nanomaggies, 3 x 152 x 152) with the same seven steps and parameters: reddening,
+(float32 nanomaggies, 3 x 152 x 152) with the same parameters. The seven steps are reddening,
 flips and rotation with scaling (one bilinear resampling), PSF blur, jitter crop, noise and the
 viewer RGB stretch. The reference runs ``scipy.ndimage.affine_transform`` and
 ``scipy.ndimage.gaussian_filter`` image by image and band by band, as a Dataset ``__getitem__``

@@ -226,6 +226,8 @@ def pretrain(
     )
     model.monitor_data = monitor
 
+    # NOTE: Lightning writes and reads checkpoints through fsspec without storage_options, so a
+    # remote run_dir relies on the environment's default credentials and endpoint.
     checkpoint_dir = storage.join_url(run_dir, "checkpoints")
     checkpoint_url = storage.join_url(checkpoint_dir, "last.ckpt")
     ckpt_path = (
@@ -264,8 +266,8 @@ def pretrain(
     )
 
     # Train. Lightning's warnings about few workers, an IterableDataset with a length and a
-    # mid-epoch resume do not apply: CutoutBatches plans every worker's batches and skips the
-    # batches a resumed epoch already ran.
+    # mid-epoch resume do not apply, because CutoutBatches plans every worker's batches and
+    # skips the batches that a resumed epoch already ran.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")

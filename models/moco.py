@@ -25,7 +25,14 @@ from lensminer.datasets import LabelledSubset
 from lensminer.exceptions import ConfigError
 from lensminer.models.encoder import Encoder, build_encoder
 
-__all__ = ["MoCoV2", "info_nce_loss", "knn_accuracy", "momentum_update", "warmup_cosine"]
+__all__ = [
+    "MoCoV2",
+    "info_nce_loss",
+    "knn_accuracy",
+    "labelled_knn_accuracy",
+    "momentum_update",
+    "warmup_cosine",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +110,57 @@ def knn_accuracy(
     votes = torch.zeros(test.shape[0], n_classes, device=test.device)
     votes.scatter_add_(1, train_labels[index], similarity.clamp(min=0) + 1e-6)
     return float((votes.argmax(dim=1) == test_labels).float().mean())
+
+
+@torch.no_grad()
+def labelled_knn_accuracy(
+    encoder: Encoder,
+    subset: LabelledSubset,
+    *,
+    image_format: str,
+    bands: str,
+    augment: AugmentConfig,
+    k: int,
+    seed: int,
+    batch_size: int = 256,
+) -> float:
+    """Measure how well an encoder's representations separate the labelled rows.
+
+    The rows are split at random (seeded) into two halves; each row of the second half is
+    classified by :func:`knn_accuracy` against the first. Views are the evaluation views
+    (centre crop and RGB stretch), embedded in eval mode on the encoder's device.
+
+    Returns
+    -------
+    float
+        The accuracy, or NaN when there are fewer than 4 labelled rows.
+    """
+    if subset.labels.numel() < 4:
+        return float("nan")
+
+    device = next(encoder.parameters()).device
+    was_training = encoder.training
+    encoder.eval()
+    features = []
+    for start in range(0, subset.images.shape[0], batch_size):
+        images = subset.images[start : start + batch_size].to(device)
+        views = evaluation_view(
+            images,
+            image_format=image_format,
+            bands=bands,
+            crop_size=augment.crop_size,
+            config=augment,
+        )
+        features.append(encoder(views.contiguous(memory_format=torch.channels_last))[0].float())
+    encoder.train(was_training)
+
+    representation = torch.cat(features)
+    labels = subset.labels.to(device)
+    order = torch.randperm(labels.numel(), generator=torch.Generator().manual_seed(seed)).to(device)
+    reference, test = order.tensor_split(2)
+    return knn_accuracy(
+        representation[reference], labels[reference], representation[test], labels[test], k
+    )
 
 
 class MoCoV2(pl.LightningModule):
@@ -247,6 +305,8 @@ class MoCoV2(pl.LightningModule):
         world_size, batch = self.trainer.world_size, view_k.shape[0]
         generator = self._step_generator(per_rank=False)
 
+        # NOTE: no test runs this multi-process branch, because the suite uses one CPU process.
+        # It follows the gather, shuffle and unshuffle of the reference MoCo implementation.
         if world_size > 1:
             views = self.all_gather(view_k).flatten(0, 1)  # (W * B, 3, H, W)
             order = torch.randperm(views.shape[0], generator=generator, device=self.device)
@@ -309,42 +369,18 @@ class MoCoV2(pl.LightningModule):
             "epoch %d: loss %.4f, k-NN accuracy %.3f", self.current_epoch, float(loss), accuracy
         )
 
-    @torch.no_grad()
     def _knn_monitor(self) -> float:
         """Return the k-NN accuracy on the labelled rows (half as reference, half as test)."""
-        subset = self.monitor_data
-        if subset is None or subset.labels.numel() < 4:
+        if self.monitor_data is None:
             return float("nan")
-
-        was_training = self.encoder_q.training
-        self.encoder_q.eval()
-        features = []
-        for start in range(0, subset.images.shape[0], 256):
-            images = subset.images[start : start + 256].to(self.device)
-            views = evaluation_view(
-                images,
-                image_format=self.image_format,
-                bands=self.bands,
-                crop_size=self.augment_config.crop_size,
-                config=self.augment_config,
-            )
-            features.append(
-                self.encoder_q(views.contiguous(memory_format=torch.channels_last))[0].float()
-            )
-        self.encoder_q.train(was_training)
-
-        representation = torch.cat(features)
-        labels = subset.labels.to(self.device)
-        order = torch.randperm(
-            labels.numel(), generator=torch.Generator().manual_seed(self.config.seed)
-        )
-        reference, test = order.tensor_split(2)
-        return knn_accuracy(
-            representation[reference],
-            labels[reference],
-            representation[test],
-            labels[test],
-            self.config.knn_k,
+        return labelled_knn_accuracy(
+            self.encoder_q,
+            self.monitor_data,
+            image_format=self.image_format,
+            bands=self.bands,
+            augment=self.augment_config,
+            k=self.config.knn_k,
+            seed=self.config.seed,
         )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
