@@ -17,6 +17,7 @@ from prefect import flow, get_run_logger, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect_dask import DaskTaskRunner
 
+from lensminer.cluster import check_scheduler, import_cluster_class, local_cluster_kwargs
 from lensminer.config import AugmentConfig, EmbedConfig, LensMinerConfig
 from lensminer.exceptions import ConfigError
 from lensminer.tasks.download import download_task
@@ -35,39 +36,31 @@ def embed_task_runner(embed: EmbedConfig) -> ThreadPoolTaskRunner | DaskTaskRunn
     """Choose the task runner of the embedding flow from ``embed.scheduler``.
 
     ``"synchronous"`` runs shards one after another in this process; ``"local"`` starts a Dask
-    ``LocalCluster`` whose listeners bind to 127.0.0.1; ``"tcp://host:port"`` joins an existing
+    ``LocalCluster`` whose listeners bind to 127.0.0.1; ``"cluster"`` starts
+    ``embed.cluster_class`` (see ``infra/clusters/``); ``"tcp://host:port"`` joins an existing
     scheduler. Worker processes report task runs to ``PREFECT_API_URL``. Without it every process
     would start a temporary API server of its own, so the local cluster then uses threads and warns.
     """
+    check_scheduler(embed)
     if embed.scheduler == "synchronous":
         return ThreadPoolTaskRunner(max_workers=1)
-    if embed.scheduler.startswith(("tcp://", "tls://")):
+    if "://" in embed.scheduler:
         return DaskTaskRunner(address=embed.scheduler)
-    if embed.scheduler != "local":
-        raise ConfigError(
-            f"embed.scheduler must be 'local', 'synchronous' or a scheduler address like "
-            f"'tcp://127.0.0.1:8786', got {embed.scheduler!r}"
+    if embed.scheduler == "cluster":
+        return DaskTaskRunner(
+            cluster_class=import_cluster_class(str(embed.cluster_class)),
+            cluster_kwargs=embed.cluster_kwargs,
+            adapt_kwargs=embed.adapt,
         )
 
-    processes = getattr(embed, "processes", True)
+    processes = embed.processes
     if processes and not os.environ.get("PREFECT_API_URL"):
         logger.warning(
             "PREFECT_API_URL is not set, so Dask workers run as threads of this process; "
             "start `prefect server start` and set PREFECT_API_URL to use worker processes"
         )
         processes = False
-    cluster_kwargs: dict[str, Any] = {
-        "n_workers": embed.n_workers,
-        "threads_per_worker": embed.threads_per_worker,
-        "processes": processes,
-        "dashboard_address": "127.0.0.1:0",
-    }
-    if processes:
-        cluster_kwargs["host"] = "127.0.0.1"
-    else:
-        # Thread workers talk to the scheduler in-process; only their dashboards listen on a port.
-        cluster_kwargs["worker_dashboard_address"] = "127.0.0.1:0"
-    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=cluster_kwargs)
+    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=local_cluster_kwargs(embed, processes))
 
 
 @flow(name="embed-cutouts", log_prints=False)

@@ -131,9 +131,19 @@ class EmbedConfig(_Section):
 
     batch_size: int = Field(128, ge=1)
     dtype: Literal["float32", "float16"] = "float32"
-    scheduler: str = Field("local", description="'local' for a LocalCluster, 'synchronous', or a scheduler address tcp://host:port.")
-    n_workers: int = Field(2, ge=1)
+    scheduler: str = Field(
+        "local",
+        description="'local' for a LocalCluster, 'synchronous', 'cluster' for cluster_class, "
+        "or a scheduler address tcp://host:port.",
+    )
+    n_workers: int = Field(2, ge=1, description="Workers of the LocalCluster.")
     threads_per_worker: int = Field(1, ge=1)
+    processes: bool = Field(True, description="LocalCluster workers are processes (True) or threads of this process.")
+    cluster_class: str | None = Field(
+        None, description="Dotted path of a Dask cluster class for scheduler='cluster', e.g. dask_jobqueue.SLURMCluster."
+    )
+    cluster_kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of cluster_class.")
+    adapt: dict[str, Any] | None = Field(None, description="cluster.adapt() arguments, e.g. {minimum: 1, maximum: 20}.")
     device: str = Field("auto", description="torch device: auto, cpu or cuda.")
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from lensminer import storage, stores
+from lensminer.cluster import check_scheduler, dask_client
 from lensminer.config import AugmentConfig, EmbedConfig
 from lensminer.exceptions import ConfigError, StoreError
 
@@ -373,8 +374,9 @@ def embed_cutouts(
     client
         A Dask client to run on. Without one, ``embed.scheduler`` chooses: ``"local"`` starts a
         LocalCluster of ``embed.n_workers`` processes whose listeners bind 127.0.0.1,
-        ``"synchronous"`` runs the shards one after another in this process, and a
-        ``tcp://host:port`` address connects to a running scheduler.
+        ``"synchronous"`` runs the shards one after another in this process, ``"cluster"``
+        starts ``embed.cluster_class`` (e.g. a SLURM cluster), and a ``tcp://host:port`` address
+        connects to a running scheduler.
 
     Returns
     -------
@@ -384,17 +386,13 @@ def embed_cutouts(
     Raises
     ------
     ConfigError
-        If ``embed.scheduler`` is not ``"local"``, ``"synchronous"`` or a scheduler address.
+        If ``embed.scheduler`` is not one of those.
     StoreError
         If a shard fails its checks, or the finished store does not match the cutout store.
     """
     started = time.perf_counter()
-    scheduler = embed.scheduler
-    if client is None and scheduler not in ("local", "synchronous") and "://" not in scheduler:
-        raise ConfigError(
-            f"embed.scheduler must be 'local', 'synchronous' or a scheduler address such as "
-            f"'tcp://127.0.0.1:8786', got {scheduler!r}"
-        )
+    if client is None:
+        check_scheduler(embed)
 
     pending = prepare_embedding_store(
         cutouts_url,
@@ -410,7 +408,7 @@ def embed_cutouts(
         logger.debug("%s: every shard is already embedded", embeddings_url)
     elif client is not None:
         _run_shards(client, pending, *args)
-    elif scheduler == "synchronous":
+    elif embed.scheduler == "synchronous":
         for index in pending:
             embed_shard(
                 cutouts_url,
@@ -421,26 +419,9 @@ def embed_cutouts(
                 augment,
                 storage_options=storage_options,
             )
-    elif scheduler == "local":
-        from distributed import Client, LocalCluster
-
-        with (
-            LocalCluster(
-                n_workers=embed.n_workers,
-                threads_per_worker=embed.threads_per_worker,
-                processes=True,
-                host="127.0.0.1",
-                dashboard_address="127.0.0.1:0",
-                worker_dashboard_address="127.0.0.1:0",
-            ) as cluster,
-            Client(cluster) as local_client,
-        ):
-            _run_shards(local_client, pending, *args)
     else:
-        from distributed import Client
-
-        with Client(scheduler) as remote_client:
-            _run_shards(remote_client, pending, *args)
+        with dask_client(embed) as started_client:
+            _run_shards(started_client, pending, *args)
 
     verified = verify_embedding_store(cutouts_url, embeddings_url, storage_options=storage_options)
     summary = EmbedSummary(
