@@ -231,3 +231,15 @@ def test_labelled_subset_absent(tmp_path) -> None:
     url = str(tmp_path / "c.zarr")
     _make_store(url, columns={})
     assert load_labelled_subset(url) is None
+
+
+def test_skip_batches_resumes_epoch(tmp_path) -> None:
+    url = str(tmp_path / "c.zarr")
+    _make_store(url)
+    dataset = CutoutBatches(url, batch_size=4, seed=2)
+    dataset.set_epoch(1)
+    full = [batch.row_index.tolist() for batch in dataset]
+    dataset.skip_batches = 3
+    resumed = [batch.row_index.tolist() for batch in dataset]
+    assert resumed == full[3:]
+    assert len(dataset) == len(full)
