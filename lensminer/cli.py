@@ -50,6 +50,9 @@ def _config(config: Path | None, sets: list[str] | None, **named: Any) -> LensMi
 
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Per-request and per-connection messages of the HTTP stack would drown the stage milestones.
+    for name in ("httpx", "httpcore", "distributed", "pytorch_lightning", "lightning", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 @app.callback()
