@@ -18,16 +18,21 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect_dask import DaskTaskRunner
 
 from lensminer.cluster import check_scheduler, import_cluster_class, local_cluster_kwargs
-from lensminer.config import AugmentConfig, EmbedConfig, LensMinerConfig
+from lensminer.config import AugmentConfig, BrickConfig, DownloadConfig, EmbedConfig, LensMinerConfig, SurveyConfig
 from lensminer.exceptions import ConfigError
-from lensminer.tasks.download import download_task
+from lensminer.tasks.download import (
+    cut_brick_shard_task,
+    download_task,
+    plan_brick_download_task,
+    summarize_cutouts_task,
+)
 from lensminer.tasks.embed import embed_shard_task, prepare_embeddings_task, verify_embeddings_task
 from lensminer.tasks.pretrain import pretrain_task
 from lensminer.tasks.report import publish_report_task
 from lensminer.tasks.score import score_task
 from lensminer.tasks.similarity import build_index_task, find_similar_task
 
-__all__ = ["embed_flow", "embed_task_runner", "lens_search"]
+__all__ = ["brick_download_flow", "embed_flow", "embed_task_runner", "lens_search"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +66,27 @@ def embed_task_runner(embed: EmbedConfig) -> ThreadPoolTaskRunner | DaskTaskRunn
         )
         processes = False
     return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=local_cluster_kwargs(embed, processes))
+
+
+@flow(name="cut-from-bricks", log_prints=False)
+def brick_download_flow(
+    targets_url: str,
+    cutouts_url: str,
+    survey: SurveyConfig,
+    download: DownloadConfig,
+    bricks: BrickConfig,
+    label_column: str | None = "label",
+    storage_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Cut every target from the survey's brick coadds, one task per shard of the cutout store."""
+    shards = plan_brick_download_task(
+        targets_url, cutouts_url, survey, download, bricks, label_column, storage_options
+    )
+    futures = cut_brick_shard_task.map(
+        shards, unmapped(cutouts_url), unmapped(survey), unmapped(bricks), unmapped(storage_options)
+    )
+    futures.result()
+    return summarize_cutouts_task(cutouts_url, len(shards), storage_options)
 
 
 @flow(name="embed-cutouts", log_prints=False)
@@ -103,9 +129,15 @@ def lens_search(config: LensMinerConfig, query_row: int | None = None) -> dict[s
     log = get_run_logger()
     options = config.storage.options or None
 
-    download = download_task(
-        config.targets, config.cutouts_url, config.survey, config.download, config.score.label_column, options
-    )
+    if config.download.source == "bricks":
+        download = brick_download_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=config.bricks.workers))(
+            config.targets, config.cutouts_url, config.survey, config.download, config.bricks,
+            config.score.label_column, options,
+        )
+    else:
+        download = download_task(
+            config.targets, config.cutouts_url, config.survey, config.download, config.score.label_column, options
+        )
     pretrained = pretrain_task(config.cutouts_url, config.run_dir, config.pretrain, config.augment, options)
     runner = embed_task_runner(config.embed)
     embedded = embed_flow.with_options(task_runner=runner)(

@@ -44,7 +44,7 @@ from scipy import ndimage
 from lensminer import storage
 from lensminer.bricks import BRICK_PIXSCALE, Brick, BrickGrid, brick_wcs, coadd_path, default_grid
 from lensminer.config import BrickConfig, DownloadConfig, SurveyConfig
-from lensminer.download import DownloadSummary, _catalog_columns, _check_targets
+from lensminer.download import TOP_FAILURES, DownloadSummary, catalog_columns, check_targets
 from lensminer.exceptions import ConfigError, StoreError
 from lensminer.stores import (
     CutoutLayout,
@@ -54,6 +54,7 @@ from lensminer.stores import (
     open_store,
     shard_count,
     shard_slice,
+    status_summary,
 )
 
 __all__ = [
@@ -68,7 +69,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-TOP_FAILURES = 5
 
 #: Decoded bricks kept in memory per worker; a 3-band brick is about 155 MB.
 CACHED_BRICKS = 3
@@ -135,7 +135,7 @@ def prepare_brick_store(
         If a store for other targets, of another kind, or written by cutout-service mode exists.
     """
     check_brick_survey(survey)
-    _check_targets(targets)
+    check_targets(targets)
     grid = grid or load_grid(bricks)
     ordered = sort_by_brick(targets, grid)
 
@@ -156,7 +156,7 @@ def prepare_brick_store(
         layout=layout,
         shard_rows=download.shard_rows,
         chunk_rows=download.chunk_rows,
-        columns=_catalog_columns(ordered, layout.channels),
+        columns=catalog_columns(ordered, layout.channels),
         attrs={"download": provenance},
         storage_options=storage_options,
     )
@@ -535,15 +535,12 @@ def download_from_bricks(
             future.result()
 
     # Summarise over the whole store and record the run in its attributes.
-    status = group["status"][:]
-    counts = {member.name: int(np.count_nonzero(status == member)) for member in RowStatus}
-    failed = status == RowStatus.FAILED
-    reasons = collections.Counter(group["reason"][:][failed].tolist()) if failed.any() else collections.Counter()
+    counts, top_failures = status_summary(group, TOP_FAILURES)
     summary = DownloadSummary(
         store_url=store_url,
         n_rows=n_rows,
         counts=counts,
-        top_failures=reasons.most_common(TOP_FAILURES),
+        top_failures=top_failures,
         shards_written=len(work),
         shards_skipped=n_shards - len(work),
         seconds=time.perf_counter() - started,

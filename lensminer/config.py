@@ -52,6 +52,10 @@ class SurveyConfig(_Section):
 class DownloadConfig(_Section):
     """How the cutout client talks to the service and writes the cutout store."""
 
+    source: Literal["service", "bricks"] = Field(
+        "service", description="service: one request per target to the cutout service; bricks: cut from brick coadds."
+    )
+
     concurrency: int = Field(8, ge=1, le=256, description="Requests in flight at once.")
     rate_limit: float = Field(10.0, gt=0, description="Maximum requests per second.")
     timeout: float = Field(60.0, gt=0, description="Per-request timeout in seconds.")

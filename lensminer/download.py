@@ -33,9 +33,23 @@ from lensminer.client import CutoutClient, FetchError, client_version
 from lensminer.config import DownloadConfig, SurveyConfig
 from lensminer.cutout_io import ParsedCutout, parse_fits_cutout, parse_jpeg_cutout
 from lensminer.exceptions import TargetError
-from lensminer.stores import CutoutLayout, RowStatus, create_cutout_store, shard_count, shard_slice
+from lensminer.stores import (
+    CutoutLayout,
+    RowStatus,
+    create_cutout_store,
+    shard_count,
+    shard_slice,
+    status_summary,
+)
 
-__all__ = ["DownloadSummary", "cutout_request", "download_cutouts"]
+__all__ = [
+    "TOP_FAILURES",
+    "DownloadSummary",
+    "catalog_columns",
+    "check_targets",
+    "cutout_request",
+    "download_cutouts",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +125,8 @@ def _parser(survey: SurveyConfig) -> Callable[[bytes], ParsedCutout]:
     return lambda body: parse_jpeg_cutout(body, size=survey.size)
 
 
-def _catalog_columns(targets: Table, n_bands: int) -> dict[str, np.ndarray]:
+def catalog_columns(targets: Table, n_bands: int) -> dict[str, np.ndarray]:
+    """Return the catalog columns that a cutout store keeps: label, ebv and psf_fwhm (N, 3)."""
     columns: dict[str, np.ndarray] = {}
     if "label" in targets.colnames:
         columns["label"] = np.asarray(targets["label"], dtype=np.int8)
@@ -130,7 +145,8 @@ def _catalog_columns(targets: Table, n_bands: int) -> dict[str, np.ndarray]:
     return columns
 
 
-def _check_targets(targets: Table) -> None:
+def check_targets(targets: Table) -> None:
+    """Raise :class:`TargetError` unless ``targets`` has rows and target_id, ra and dec columns."""
     missing = [name for name in ("target_id", "ra", "dec") if name not in targets.colnames]
     if missing:
         raise TargetError(
@@ -167,7 +183,7 @@ def _open_store(
         layout=layout,
         shard_rows=download.shard_rows,
         chunk_rows=download.chunk_rows,
-        columns=_catalog_columns(targets, layout.channels),
+        columns=catalog_columns(targets, layout.channels),
         attrs={"download": provenance},
         storage_options=storage_options,
     )
@@ -370,7 +386,7 @@ def download_cutouts(
         If a store for other targets or of another kind exists at ``store_url``.
     """
     started = time.perf_counter()
-    _check_targets(targets)
+    check_targets(targets)
 
     # Create or reopen the store and work out what is left to do.
     group = _open_store(targets, store_url, survey, download, storage_options)
@@ -425,19 +441,12 @@ def download_cutouts(
         _run(main())
 
     # Summarise over the whole store and record the run in its attributes.
-    status = group["status"][:]
-    counts = {member.name: int(np.count_nonzero(status == member)) for member in RowStatus}
-    failed = status == RowStatus.FAILED
-    reasons = (
-        collections.Counter(group["reason"][:][failed].tolist())
-        if failed.any()
-        else collections.Counter()
-    )
+    counts, top_failures = status_summary(group, TOP_FAILURES)
     summary = DownloadSummary(
         store_url=store_url,
         n_rows=n_rows,
         counts=counts,
-        top_failures=reasons.most_common(TOP_FAILURES),
+        top_failures=top_failures,
         shards_written=len(work),
         shards_skipped=skipped,
         seconds=time.perf_counter() - started,

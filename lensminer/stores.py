@@ -28,6 +28,7 @@ Embedding store (``kind = "embeddings"``)::
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import enum
 import logging
@@ -52,6 +53,7 @@ __all__ = [
     "require_complete",
     "shard_slice",
     "shard_count",
+    "status_summary",
 ]
 
 logger = logging.getLogger(__name__)
@@ -312,6 +314,24 @@ def open_store(
             "it may be unfinished: rerun the stage that writes it"
         )
     return group
+
+
+def status_summary(group: zarr.Group, top: int = 5) -> tuple[dict[str, int], list[tuple[str, int]]]:
+    """Count a cutout store's rows by status and list its commonest failure reasons.
+
+    Returns
+    -------
+    tuple
+        Rows by :class:`RowStatus` name, and up to ``top`` (reason, rows) pairs of FAILED rows,
+        most common first.
+    """
+    status = group["status"][:]
+    counts = {member.name: int(np.count_nonzero(status == member)) for member in RowStatus}
+    failed = status == RowStatus.FAILED
+    if not failed.any():
+        return counts, []
+    reasons = collections.Counter(group["reason"][:][failed].tolist())
+    return counts, reasons.most_common(top)
 
 
 def pending_shards(group: zarr.Group) -> list[int]:

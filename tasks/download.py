@@ -1,4 +1,4 @@
-"""Prefect task of the download stage."""
+"""Prefect tasks of the download stage: cutout-service mode and brick mode."""
 
 from __future__ import annotations
 
@@ -7,12 +7,14 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from lensminer.config import DownloadConfig, SurveyConfig
-from lensminer.download import download_cutouts
+from lensminer import stores
+from lensminer.brick_download import cut_brick_shard, load_grid, prepare_brick_store, shard_bricks
+from lensminer.config import BrickConfig, DownloadConfig, SurveyConfig
+from lensminer.download import TOP_FAILURES, download_cutouts
 from lensminer.targets import read_targets
 from lensminer.tasks._common import as_record
 
-__all__ = ["download_task"]
+__all__ = ["cut_brick_shard_task", "download_task", "plan_brick_download_task", "summarize_cutouts_task"]
 
 
 # The cutout store is its own cache: finished shards are skipped on a rerun, so Prefect's result
@@ -26,7 +28,7 @@ def download_task(
     label_column: str | None = "label",
     storage_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Download cutouts of every target into the cutout store and return the summary."""
+    """Download cutouts of every target from the cutout service and return the summary."""
     logger = get_run_logger()
     targets = read_targets(targets_url, storage_options=storage_options, label_column=label_column)
     logger.info("read %d targets from %s", len(targets), targets_url)
@@ -36,3 +38,57 @@ def download_task(
     )
     logger.info("cutout store %s: rows by status %s", cutouts_url, summary["counts"])
     return summary
+
+
+@task(name="plan-brick-download", retries=2, retry_delay_seconds=30, cache_policy=NO_CACHE)
+def plan_brick_download_task(
+    targets_url: str,
+    cutouts_url: str,
+    survey: SurveyConfig,
+    download: DownloadConfig,
+    bricks: BrickConfig,
+    label_column: str | None = "label",
+    storage_options: dict[str, Any] | None = None,
+) -> list[int]:
+    """Create or reopen the brick-mode cutout store and return the shards still to cut."""
+    logger = get_run_logger()
+    targets = read_targets(targets_url, storage_options=storage_options, label_column=label_column)
+    grid = load_grid(bricks)
+    prepare_brick_store(targets, cutouts_url, survey, download, bricks, storage_options=storage_options, grid=grid)
+    work = shard_bricks(cutouts_url, grid, storage_options=storage_options)
+    n_bricks = len({name for names in work.values() for name in names})
+    logger.info("%d targets: %d shards over %d bricks still to cut from %s", len(targets), len(work), n_bricks, bricks.root)
+    return sorted(work)
+
+
+# Coadd reads over HTTP or object storage fail transiently; a retry recuts the whole shard.
+@task(name="cut-brick-shard", retries=3, retry_delay_seconds=[10, 60, 300], cache_policy=NO_CACHE)
+def cut_brick_shard_task(
+    shard_index: int,
+    cutouts_url: str,
+    survey: SurveyConfig,
+    bricks: BrickConfig,
+    storage_options: dict[str, Any] | None = None,
+) -> dict[str, int]:
+    """Cut one shard of the cutout store from its bricks and return its rows by status."""
+    return cut_brick_shard(cutouts_url, shard_index, survey, bricks, storage_options=storage_options)
+
+
+@task(name="summarize-cutouts", cache_policy=NO_CACHE)
+def summarize_cutouts_task(
+    cutouts_url: str, shards_written: int, storage_options: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Count the cutout store's rows by status and list its commonest failure reasons."""
+    group = stores.open_store(cutouts_url, "cutouts", storage_options=storage_options)
+    stores.require_complete(group, cutouts_url)
+    counts, top_failures = stores.status_summary(group, TOP_FAILURES)
+    n_shards = int(group["shard_done"].shape[0])
+    get_run_logger().info("cutout store %s: rows by status %s", cutouts_url, counts)
+    return {
+        "store_url": cutouts_url,
+        "n_rows": int(group.attrs["n_rows"]),
+        "counts": counts,
+        "top_failures": [list(pair) for pair in top_failures],
+        "shards_written": shards_written,
+        "shards_skipped": n_shards - shards_written,
+    }
