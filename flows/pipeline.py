@@ -18,7 +18,14 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect_dask import DaskTaskRunner
 
 from lensminer.cluster import check_scheduler, import_cluster_class, local_cluster_kwargs
-from lensminer.config import AugmentConfig, BrickConfig, DownloadConfig, EmbedConfig, LensMinerConfig, SurveyConfig
+from lensminer.config import (
+    AugmentConfig,
+    BrickConfig,
+    DownloadConfig,
+    EmbedConfig,
+    LensMinerConfig,
+    SurveyConfig,
+)
 from lensminer.exceptions import ConfigError
 from lensminer.tasks.download import (
     cut_brick_shard_task,
@@ -65,7 +72,10 @@ def embed_task_runner(embed: EmbedConfig) -> ThreadPoolTaskRunner | DaskTaskRunn
             "start `prefect server start` and set PREFECT_API_URL to use worker processes"
         )
         processes = False
-    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=local_cluster_kwargs(embed, processes))
+    return DaskTaskRunner(
+        cluster_class="distributed.LocalCluster",
+        cluster_kwargs=local_cluster_kwargs(embed, processes),
+    )
 
 
 @flow(name="cut-from-bricks", log_prints=False)
@@ -99,7 +109,9 @@ def embed_flow(
     storage_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Embed every pending shard of the cutout store, one task per shard, then verify the store."""
-    pending = prepare_embeddings_task(cutouts_url, encoder_url, embeddings_url, embed, augment, storage_options)
+    pending = prepare_embeddings_task(
+        cutouts_url, encoder_url, embeddings_url, embed, augment, storage_options
+    )
     futures = embed_shard_task.map(
         pending,
         unmapped(cutouts_url),
@@ -125,27 +137,52 @@ def lens_search(config: LensMinerConfig, query_row: int | None = None) -> dict[s
         Row of the similarity query; the top-ranked candidate when ``None``.
     """
     if not config.targets:
-        raise ConfigError("config.targets is not set; give the URL of a target table (CSV, TSV, FITS or Parquet)")
+        raise ConfigError(
+            "config.targets is not set; give the URL of a target table (CSV, TSV, FITS or Parquet)"
+        )
     log = get_run_logger()
     options = config.storage.options or None
 
     if config.download.source == "bricks":
-        download = brick_download_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=config.bricks.workers))(
-            config.targets, config.cutouts_url, config.survey, config.download, config.bricks,
-            config.score.label_column, options,
+        download = brick_download_flow.with_options(
+            task_runner=ThreadPoolTaskRunner(max_workers=config.bricks.workers)
+        )(
+            config.targets,
+            config.cutouts_url,
+            config.survey,
+            config.download,
+            config.bricks,
+            config.score.label_column,
+            options,
         )
     else:
         download = download_task(
-            config.targets, config.cutouts_url, config.survey, config.download, config.score.label_column, options
+            config.targets,
+            config.cutouts_url,
+            config.survey,
+            config.download,
+            config.score.label_column,
+            options,
         )
-    pretrained = pretrain_task(config.cutouts_url, config.run_dir, config.pretrain, config.augment, options)
+    pretrained = pretrain_task(
+        config.cutouts_url, config.run_dir, config.pretrain, config.augment, options
+    )
     runner = embed_task_runner(config.embed)
     embedded = embed_flow.with_options(task_runner=runner)(
-        config.cutouts_url, pretrained["encoder_url"], config.embeddings_url, config.embed, config.augment, options
+        config.cutouts_url,
+        pretrained["encoder_url"],
+        config.embeddings_url,
+        config.embed,
+        config.augment,
+        options,
     )
     scored = score_task(
-        config.cutouts_url, config.embeddings_url, config.run_dir, config.score,
-        config.similarity.embedding, options,
+        config.cutouts_url,
+        config.embeddings_url,
+        config.run_dir,
+        config.score,
+        config.similarity.embedding,
+        options,
     )
 
     index_url = config.url("similarity.faiss")
@@ -153,7 +190,12 @@ def lens_search(config: LensMinerConfig, query_row: int | None = None) -> dict[s
     if query_row is None:
         query_row = int(scored["top_row"])
     neighbours = find_similar_task(
-        index_url, config.embeddings_url, config.cutouts_url, query_row, config.similarity.k, options
+        index_url,
+        config.embeddings_url,
+        config.cutouts_url,
+        query_row,
+        config.similarity.k,
+        options,
     )
 
     summary = {

@@ -27,7 +27,9 @@ def _drain(stream, sink: list[str]) -> None:
 
 
 @contextmanager
-def survey_server_process(arguments: Sequence[str], startup_timeout: float = 120.0) -> Iterator[str]:
+def survey_server_process(
+    arguments: Sequence[str], startup_timeout: float = 120.0
+) -> Iterator[str]:
     """Run ``python -m lensminer.infra.survey_server ARGUMENTS`` and yield its base URL.
 
     The server binds 127.0.0.1 on a free port. It is terminated (then killed after 10 s) when the
@@ -39,7 +41,16 @@ def survey_server_process(arguments: Sequence[str], startup_timeout: float = 120
         If the server exits or prints no URL within ``startup_timeout`` seconds; the message
         carries the end of its output.
     """
-    command = [sys.executable, "-m", "lensminer.infra.survey_server", "--host", "127.0.0.1", "--port", "0", *arguments]
+    command = [
+        sys.executable,
+        "-m",
+        "lensminer.infra.survey_server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        *arguments,
+    ]
     process = subprocess.Popen(
         command,
         stdout=subprocess.PIPE,
@@ -73,9 +84,11 @@ def _wait_for_url(process: subprocess.Popen, timeout: float, stderr_lines: list[
     try:
         for line in process.stdout:
             if line.startswith(READY_PREFIX):
-                return line[len(READY_PREFIX):].strip()
+                return line[len(READY_PREFIX) :].strip()
     finally:
         timer.cancel()
     tail = "".join(stderr_lines[-20:])
     reason = "timed out" if time.monotonic() >= deadline else f"exited with code {process.poll()}"
-    raise SurveyServerError(f"survey server {reason} before reporting its URL; its last output:\n{tail}")
+    raise SurveyServerError(
+        f"survey server {reason} before reporting its URL; its last output:\n{tail}"
+    )

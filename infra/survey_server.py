@@ -41,13 +41,6 @@ import numpy as np
 import uvicorn
 from astropy.io import fits
 from astropy.table import Table
-from lensminer.infra.sources import (
-    CutoutSource,
-    ImageDirectorySource,
-    SimulatedBrickSource,
-    SimulatedSkySource,
-    cutout_wcs,
-)
 from PIL import Image
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -56,6 +49,13 @@ from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Route
 
 from lensminer.exceptions import SurveyServerError
+from lensminer.infra.sources import (
+    CutoutSource,
+    ImageDirectorySource,
+    SimulatedBrickSource,
+    SimulatedSkySource,
+    cutout_wcs,
+)
 from lensminer.sky import SimulatedSky
 
 __all__ = ["BRICKS_PREFIX", "FaultConfig", "brick_root", "create_app", "main", "serve_in_thread"]
@@ -85,7 +85,9 @@ READY_LINE = "LENSMINER_SURVEY_SERVER"
 #: URL path of the data-release directory under which brick coadds are served.
 BRICKS_PREFIX = "/dr9/south"
 
-_COADD_FILE = re.compile(r"legacysurvey-(?P<brick>\d{4}[pm]\d{3})-(?:(?:image|invvar)-[a-z]|maskbits)\.fits\.fz")
+_COADD_FILE = re.compile(
+    r"legacysurvey-(?P<brick>\d{4}[pm]\d{3})-(?:(?:image|invvar)-[a-z]|maskbits)\.fits\.fz"
+)
 
 
 def brick_root(base_url: str) -> str:
@@ -563,7 +565,9 @@ def main(argv: list[str] | None = None) -> int:
     bricks = None
     try:
         if args.bricks_catalog and not args.sky:
-            raise SurveyServerError("--bricks-catalog needs --sky: bricks are drawn from the simulated sky")
+            raise SurveyServerError(
+                "--bricks-catalog needs --sky: bricks are drawn from the simulated sky"
+            )
         if args.sky:
             sky = SimulatedSky(seed=args.seed, lens_fraction=args.lens_fraction)
             source: CutoutSource = SimulatedSkySource(sky)
@@ -597,7 +601,9 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signum, lambda *_: stop.set())
 
     try:
-        with serve_in_thread(create_app(source, faults, bricks=bricks), host=args.host, port=args.port) as url:
+        with serve_in_thread(
+            create_app(source, faults, bricks=bricks), host=args.host, port=args.port
+        ) as url:
             print(f"{READY_LINE} {url}", flush=True)
             while not stop.wait(timeout=1.0):
                 pass

@@ -126,7 +126,9 @@ class BrickGrid:
 
         self.row_dec1, row_of_brick = np.unique(self.dec1, return_inverse=True)
         self._keys = row_of_brick * 360.0 + self.ra1
-        logger.debug("brick grid with %d bricks in %d Dec rows", len(self.names), len(self.row_dec1))
+        logger.debug(
+            "brick grid with %d bricks in %d Dec rows", len(self.names), len(self.row_dec1)
+        )
 
     @classmethod
     def from_table(cls, table: Table) -> BrickGrid:
@@ -181,10 +183,14 @@ class BrickGrid:
                 with fits.open(handle) as hdus:
                     hdu = next((hdu for hdu in hdus if isinstance(hdu, fits.BinTableHDU)), None)
                     if hdu is None:
-                        raise ConfigError(f"{url!r} has no FITS binary table; expected survey-bricks.fits")
+                        raise ConfigError(
+                            f"{url!r} has no FITS binary table; expected survey-bricks.fits"
+                        )
                     table = Table(hdu.data)
             except OSError as error:
-                raise ConfigError(f"{url!r} is not a readable FITS file ({error}); expected survey-bricks.fits") from error
+                raise ConfigError(
+                    f"{url!r} is not a readable FITS file ({error}); expected survey-bricks.fits"
+                ) from error
         logger.debug("read brick table %s with %d rows", url, len(table))
         return cls.from_table(table)
 
@@ -233,15 +239,21 @@ class BrickGrid:
         ValueError
             If a coordinate is not finite or a Dec is outside [-90, 90].
         """
-        ra, dec = np.broadcast_arrays(np.asarray(ra, dtype=np.float64), np.asarray(dec, dtype=np.float64))
+        ra, dec = np.broadcast_arrays(
+            np.asarray(ra, dtype=np.float64), np.asarray(dec, dtype=np.float64)
+        )
         if not (np.all(np.isfinite(ra)) and np.all(np.isfinite(dec))):
-            raise ValueError("ra and dec must be finite degrees; drop or fix the non-finite positions")
+            raise ValueError(
+                "ra and dec must be finite degrees; drop or fix the non-finite positions"
+            )
         if np.any(np.abs(dec) > 90.0):
             bad = dec[np.abs(dec) > 90.0].ravel()[:5]
             raise ValueError(f"dec must be in [-90, 90] degrees, got {bad.tolist()}")
 
         # Row by DEC1, then brick by RA1 inside the row; dec = +90 falls into the last row.
-        row = np.clip(np.searchsorted(self.row_dec1, dec, side="right") - 1, 0, len(self.row_dec1) - 1)
+        row = np.clip(
+            np.searchsorted(self.row_dec1, dec, side="right") - 1, 0, len(self.row_dec1) - 1
+        )
         wrapped = np.mod(ra, 360.0)
         index = np.searchsorted(self._keys, row * 360.0 + wrapped, side="right") - 1
         return index.astype(np.int64)
@@ -280,7 +292,9 @@ def default_grid() -> BrickGrid:
     BrickConfig.bricks_table when ids or names must match the released data.
     """
     row_centres = np.arange(-360, 361) * BRICK_SIZE
-    counts = np.maximum(1, np.round(360.0 * np.cos(np.radians(row_centres)) / BRICK_SIZE)).astype(np.int64)
+    counts = np.maximum(1, np.round(360.0 * np.cos(np.radians(row_centres)) / BRICK_SIZE)).astype(
+        np.int64
+    )
 
     # One entry per brick: its row and its position inside the row.
     row_of_brick = np.repeat(np.arange(row_centres.size), counts)
@@ -302,7 +316,9 @@ def _brick_names(ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
     ra_tenths = np.floor(ra * 10 + 1e-9).astype(np.int64).astype("U4")
     dec_tenths = np.floor(np.abs(dec) * 10 + 1e-9).astype(np.int64).astype("U3")
     sign = np.where(dec >= 0, "p", "m")
-    return np.strings.add(np.strings.add(np.strings.zfill(ra_tenths, 4), sign), np.strings.zfill(dec_tenths, 3))
+    return np.strings.add(
+        np.strings.add(np.strings.zfill(ra_tenths, 4), sign), np.strings.zfill(dec_tenths, 3)
+    )
 
 
 def brick_for(ra: float, dec: float, grid: BrickGrid | None = None) -> Brick:
@@ -330,7 +346,9 @@ def brick_wcs(brick: Brick, size: int = BRICK_PIXELS, pixscale: float = BRICK_PI
     return wcs
 
 
-def coadd_path(root: str, brick: Brick | str, band: str | None = None, kind: CoaddKind = "image") -> str:
+def coadd_path(
+    root: str, brick: Brick | str, band: str | None = None, kind: CoaddKind = "image"
+) -> str:
     """Return the URL of a brick coadd file under a data-release root.
 
     ``{root}/coadd/{AAA}/{brick}/legacysurvey-{brick}-{kind}-{band}.fits.fz``, and

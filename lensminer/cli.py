@@ -9,7 +9,14 @@ from typing import Annotated, Any
 import typer
 import yaml
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table as RichTable
 
 from lensminer.config import LensMinerConfig, load_config
@@ -25,13 +32,25 @@ console = Console()
 error_console = Console(stderr=True)
 
 ConfigOption = Annotated[
-    Path | None, typer.Option("--config", "-c", help="YAML file of configuration values (sections as in LensMinerConfig).")
+    Path | None,
+    typer.Option(
+        "--config", "-c", help="YAML file of configuration values (sections as in LensMinerConfig)."
+    ),
 ]
 SetOption = Annotated[
     list[str] | None,
-    typer.Option("--set", "-s", help="Override one value, e.g. --set pretrain.epochs=5 (repeatable; values parsed as YAML)."),
+    typer.Option(
+        "--set",
+        "-s",
+        help="Override one value, e.g. --set pretrain.epochs=5 (repeatable; values parsed as YAML).",
+    ),
 ]
-RunDirOption = Annotated[str | None, typer.Option("--run-dir", help="Run directory: a local path or fsspec URL such as s3://bucket/run.")]
+RunDirOption = Annotated[
+    str | None,
+    typer.Option(
+        "--run-dir", help="Run directory: a local path or fsspec URL such as s3://bucket/run."
+    ),
+]
 
 
 def _parse_sets(values: list[str] | None) -> dict[str, Any]:
@@ -39,7 +58,9 @@ def _parse_sets(values: list[str] | None) -> dict[str, Any]:
     for item in values or []:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise typer.BadParameter(f"expected KEY=VALUE such as pretrain.epochs=5, got {item!r}", param_hint="--set")
+            raise typer.BadParameter(
+                f"expected KEY=VALUE such as pretrain.epochs=5, got {item!r}", param_hint="--set"
+            )
         overrides[key.strip()] = yaml.safe_load(raw)
     return overrides
 
@@ -49,14 +70,26 @@ def _config(config: Path | None, sets: list[str] | None, **named: Any) -> LensMi
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     # Per-request and per-connection messages of the HTTP stack would drown the stage milestones.
-    for name in ("httpx", "httpcore", "distributed", "pytorch_lightning", "lightning", "lightning_fabric"):
+    for name in (
+        "httpx",
+        "httpcore",
+        "distributed",
+        "pytorch_lightning",
+        "lightning",
+        "lightning_fabric",
+    ):
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log DEBUG messages.")] = False) -> None:
+def main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log DEBUG messages.")] = False,
+) -> None:
     """Mine sky surveys for strong gravitational lenses with self-supervised learning."""
     _setup_logging(verbose)
 
@@ -65,10 +98,18 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log DEBU
 def run(
     config: ConfigOption = None,
     sets: SetOption = None,
-    targets: Annotated[str | None, typer.Option(help="Target table URL (CSV, TSV, FITS or Parquet) with ra/dec columns.")] = None,
+    targets: Annotated[
+        str | None,
+        typer.Option(help="Target table URL (CSV, TSV, FITS or Parquet) with ra/dec columns."),
+    ] = None,
     run_dir: RunDirOption = None,
-    survey_url: Annotated[str | None, typer.Option(help="Cutout service base URL (default: the public Legacy Survey viewer).")] = None,
-    query_row: Annotated[int | None, typer.Option(help="Row of the similarity query (default: the top candidate).")] = None,
+    survey_url: Annotated[
+        str | None,
+        typer.Option(help="Cutout service base URL (default: the public Legacy Survey viewer)."),
+    ] = None,
+    query_row: Annotated[
+        int | None, typer.Option(help="Row of the similarity query (default: the top candidate).")
+    ] = None,
 ) -> None:
     """Run the whole chain as a Prefect flow: download, pretrain, embed, score, index."""
     from lensminer.flows.pipeline import lens_search
@@ -83,7 +124,9 @@ def run(
 def download(
     config: ConfigOption = None,
     sets: SetOption = None,
-    targets: Annotated[str | None, typer.Option(help="Target table URL (CSV, TSV, FITS or Parquet).")] = None,
+    targets: Annotated[
+        str | None, typer.Option(help="Target table URL (CSV, TSV, FITS or Parquet).")
+    ] = None,
     run_dir: RunDirOption = None,
     survey_url: Annotated[str | None, typer.Option(help="Cutout service base URL.")] = None,
 ) -> None:
@@ -93,11 +136,21 @@ def download(
 
     cfg = _config(config, sets, targets=targets, run_dir=run_dir, **{"survey.base_url": survey_url})
     if not cfg.targets:
-        raise typer.BadParameter("give the target table with --targets or in the configuration file", param_hint="--targets")
+        raise typer.BadParameter(
+            "give the target table with --targets or in the configuration file",
+            param_hint="--targets",
+        )
     options = cfg.storage.options or None
     table = read_targets(cfg.targets, storage_options=options, label_column=cfg.score.label_column)
 
-    columns = [TextColumn("[bold]download"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn()]
+    columns = [
+        TextColumn("[bold]download"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    ]
     with Progress(*columns, console=console) as progress:
         bar = progress.add_task("download", total=len(table), rate="")
 
@@ -106,7 +159,14 @@ def download(
             rate = f"{done / elapsed:.1f} cutouts/s" if elapsed > 0 else ""
             progress.update(bar, completed=done, total=total, rate=rate)
 
-        summary = download_cutouts(table, cfg.cutouts_url, cfg.survey, cfg.download, storage_options=options, progress=update)
+        summary = download_cutouts(
+            table,
+            cfg.cutouts_url,
+            cfg.survey,
+            cfg.download,
+            storage_options=options,
+            progress=update,
+        )
     console.print(f"Cutout store: {summary.store_url}")
     console.print(f"Rows by status: {summary.counts}")
     for reason, count in summary.top_failures:
@@ -114,47 +174,79 @@ def download(
 
 
 @app.command()
-def pretrain(config: ConfigOption = None, sets: SetOption = None, run_dir: RunDirOption = None) -> None:
+def pretrain(
+    config: ConfigOption = None, sets: SetOption = None, run_dir: RunDirOption = None
+) -> None:
     """Pretrain the MoCo v2 encoder on RUN_DIR/cutouts.zarr; writes RUN_DIR/encoder.pt."""
     from lensminer.pretrain import pretrain as run_pretrain
 
     cfg = _config(config, sets, run_dir=run_dir)
-    result = run_pretrain(cfg.cutouts_url, cfg.run_dir, cfg.pretrain, cfg.augment, storage_options=cfg.storage.options or None)
+    result = run_pretrain(
+        cfg.cutouts_url,
+        cfg.run_dir,
+        cfg.pretrain,
+        cfg.augment,
+        storage_options=cfg.storage.options or None,
+    )
     console.print(f"Encoder: {result.encoder_url} after {result.steps} steps")
 
 
 @app.command()
-def embed(config: ConfigOption = None, sets: SetOption = None, run_dir: RunDirOption = None) -> None:
+def embed(
+    config: ConfigOption = None, sets: SetOption = None, run_dir: RunDirOption = None
+) -> None:
     """Embed every cutout with Dask into RUN_DIR/embeddings.zarr (resumable)."""
     from lensminer.embed import embed_cutouts
 
     cfg = _config(config, sets, run_dir=run_dir)
     summary = embed_cutouts(
-        cfg.cutouts_url, cfg.encoder_url, cfg.embeddings_url, cfg.embed, cfg.augment, storage_options=cfg.storage.options or None
+        cfg.cutouts_url,
+        cfg.encoder_url,
+        cfg.embeddings_url,
+        cfg.embed,
+        cfg.augment,
+        storage_options=cfg.storage.options or None,
     )
-    console.print(f"Embeddings: {summary.embeddings_url} ({summary.n_valid} valid of {summary.n_rows} rows)")
+    console.print(
+        f"Embeddings: {summary.embeddings_url} ({summary.n_valid} valid of {summary.n_rows} rows)"
+    )
 
 
 @app.command()
-def score(config: ConfigOption = None, sets: SetOption = None, run_dir: RunDirOption = None) -> None:
+def score(
+    config: ConfigOption = None, sets: SetOption = None, run_dir: RunDirOption = None
+) -> None:
     """Train the linear probe on labelled rows and rank every object; writes candidates.csv."""
     from lensminer.score import score_embeddings
 
     cfg = _config(config, sets, run_dir=run_dir)
     result = score_embeddings(
-        cfg.cutouts_url, cfg.embeddings_url, cfg.run_dir, cfg.score,
-        embedding=cfg.similarity.embedding, storage_options=cfg.storage.options or None,
+        cfg.cutouts_url,
+        cfg.embeddings_url,
+        cfg.run_dir,
+        cfg.score,
+        embedding=cfg.similarity.embedding,
+        storage_options=cfg.storage.options or None,
     )
-    console.print(f"Candidates: {result.candidates_url}\nGrid: {result.grid_url}\nMetrics: {result.metrics}")
+    console.print(
+        f"Candidates: {result.candidates_url}\nGrid: {result.grid_url}\nMetrics: {result.metrics}"
+    )
 
 
 @app.command()
-def index(config: ConfigOption = None, sets: SetOption = None, run_dir: RunDirOption = None) -> None:
+def index(
+    config: ConfigOption = None, sets: SetOption = None, run_dir: RunDirOption = None
+) -> None:
     """Build the faiss similarity index RUN_DIR/similarity.faiss."""
     from lensminer.similarity import build_index
 
     cfg = _config(config, sets, run_dir=run_dir)
-    count = build_index(cfg.embeddings_url, cfg.url("similarity.faiss"), cfg.similarity, storage_options=cfg.storage.options or None)
+    count = build_index(
+        cfg.embeddings_url,
+        cfg.url("similarity.faiss"),
+        cfg.similarity,
+        storage_options=cfg.storage.options or None,
+    )
     console.print(f"Indexed {count} rows into {cfg.url('similarity.faiss')}")
 
 
@@ -163,32 +255,51 @@ def similar(
     config: ConfigOption = None,
     sets: SetOption = None,
     run_dir: RunDirOption = None,
-    row: Annotated[int | None, typer.Option(help="Row number of the query object in the cutout store.")] = None,
-    ra: Annotated[float | None, typer.Option(help="Right ascension of the query in degrees (with --dec).")] = None,
-    dec: Annotated[float | None, typer.Option(help="Declination of the query in degrees (with --ra).")] = None,
+    row: Annotated[
+        int | None, typer.Option(help="Row number of the query object in the cutout store.")
+    ] = None,
+    ra: Annotated[
+        float | None, typer.Option(help="Right ascension of the query in degrees (with --dec).")
+    ] = None,
+    dec: Annotated[
+        float | None, typer.Option(help="Declination of the query in degrees (with --ra).")
+    ] = None,
     k: Annotated[int, typer.Option("-k", help="Number of similar objects to print.")] = 10,
 ) -> None:
     """Print the K objects most similar to one query object (by row or by RA/Dec)."""
     from lensminer.similarity import find_similar
 
     if (row is None) == (ra is None or dec is None):
-        raise typer.BadParameter("give either --row, or both --ra and --dec", param_hint="--row/--ra/--dec")
+        raise typer.BadParameter(
+            "give either --row, or both --ra and --dec", param_hint="--row/--ra/--dec"
+        )
     cfg = _config(config, sets, run_dir=run_dir)
     table = find_similar(
-        cfg.url("similarity.faiss"), cfg.embeddings_url, cfg.cutouts_url,
-        row=row, ra=ra, dec=dec, k=k, storage_options=cfg.storage.options or None,
+        cfg.url("similarity.faiss"),
+        cfg.embeddings_url,
+        cfg.cutouts_url,
+        row=row,
+        ra=ra,
+        dec=dec,
+        k=k,
+        storage_options=cfg.storage.options or None,
     )
     view = RichTable(title=f"{len(table)} most similar objects")
     for name in table.colnames:
         view.add_column(name)
     for record in table:
-        view.add_row(*(f"{value:.6f}" if isinstance(value, float) else str(value) for value in record))
+        view.add_row(
+            *(f"{value:.6f}" if isinstance(value, float) else str(value) for value in record)
+        )
     console.print(view)
 
 
 @app.command()
 def serve(
-    arguments: Annotated[list[str] | None, typer.Argument(help="Options of the survey server; see `lensminer serve -- --help`.")] = None,
+    arguments: Annotated[
+        list[str] | None,
+        typer.Argument(help="Options of the survey server; see `lensminer serve -- --help`."),
+    ] = None,
 ) -> None:
     """Run the local Legacy Survey cutout server (simulated sky or a folder of real images)."""
     from lensminer.infra.survey_server import main as serve_main
@@ -198,31 +309,50 @@ def serve(
 
 @app.command()
 def demo(
-    run_dir: Annotated[str, typer.Option(help="Local directory for the demo's outputs.")] = "runs/demo",
+    run_dir: Annotated[
+        str, typer.Option(help="Local directory for the demo's outputs.")
+    ] = "runs/demo",
     n_targets: Annotated[int, typer.Option(help="Number of simulated galaxies.")] = 2000,
-    lens_fraction: Annotated[float, typer.Option(help="Share of simulated galaxies that are strong lenses.")] = 0.05,
+    lens_fraction: Annotated[
+        float, typer.Option(help="Share of simulated galaxies that are strong lenses.")
+    ] = 0.05,
     seed: Annotated[int, typer.Option(help="Seed of the simulated sky.")] = 0,
     sets: SetOption = None,
 ) -> None:
     """Run the whole chain offline on a simulated sky with injected lenses."""
     from lensminer.demo import run_simulated_demo
 
-    result = run_simulated_demo(run_dir, n_targets, lens_fraction, seed, overrides=_parse_sets(sets))
+    result = run_simulated_demo(
+        run_dir, n_targets, lens_fraction, seed, overrides=_parse_sets(sets)
+    )
     _print_demo(result, "injected lenses")
 
 
 @app.command("demo-images")
 def demo_images(
-    images: Annotated[Path, typer.Option(help="Folder of PNG/JPEG cutouts.", exists=True, file_okay=False)],
-    catalog: Annotated[Path, typer.Option(help="CSV naming each image and its position (iauname or ra/dec) and label.", exists=True, dir_okay=False)],
-    label: Annotated[str, typer.Option(help="0/1 column of the catalog that the probe learns.")] = "ring",
+    images: Annotated[
+        Path, typer.Option(help="Folder of PNG/JPEG cutouts.", exists=True, file_okay=False)
+    ],
+    catalog: Annotated[
+        Path,
+        typer.Option(
+            help="CSV naming each image and its position (iauname or ra/dec) and label.",
+            exists=True,
+            dir_okay=False,
+        ),
+    ],
+    label: Annotated[
+        str, typer.Option(help="0/1 column of the catalog that the probe learns.")
+    ] = "ring",
     run_dir: Annotated[str, typer.Option(help="Local directory for the outputs.")] = "runs/images",
     sets: SetOption = None,
 ) -> None:
     """Run the whole chain on a folder of real colour cutouts served by the local survey server."""
     from lensminer.demo import run_image_folder_demo
 
-    result = run_image_folder_demo(str(images), str(catalog), label, run_dir, overrides=_parse_sets(sets))
+    result = run_image_folder_demo(
+        str(images), str(catalog), label, run_dir, overrides=_parse_sets(sets)
+    )
     _print_demo(result, f"held-out '{label}' objects")
 
 
@@ -258,8 +388,10 @@ def _print_demo(result: Any, what: str) -> None:
         f"{result.top_fraction:.0%} of the held-out rows"
     )
     neighbours = result.summary.get("neighbours") or []
-    console.print(f"Similarity query (row {result.summary.get('query_row')}): "
-                  + ", ".join(f"{n['target_id']} ({n['similarity']:.3f})" for n in neighbours[:5]))
+    console.print(
+        f"Similarity query (row {result.summary.get('query_row')}): "
+        + ", ".join(f"{n['target_id']} ({n['similarity']:.3f})" for n in neighbours[:5])
+    )
 
 
 def entrypoint() -> None:

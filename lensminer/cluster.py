@@ -57,11 +57,14 @@ def import_cluster_class(path: str) -> type:
     try:
         return getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError, ValueError) as error:
-        hint = {"dask_jobqueue": "lensminer[slurm]", "dask_kubernetes": "lensminer[kubernetes]"}.get(
-            module_name.split(".")[0]
-        )
+        hint = {
+            "dask_jobqueue": "lensminer[slurm]",
+            "dask_kubernetes": "lensminer[kubernetes]",
+        }.get(module_name.split(".")[0])
         install = f"; install it with pip install '{hint}'" if hint else ""
-        raise ConfigError(f"cannot import the Dask cluster class {path!r}: {error}{install}") from error
+        raise ConfigError(
+            f"cannot import the Dask cluster class {path!r}: {error}{install}"
+        ) from error
 
 
 @contextmanager
@@ -76,7 +79,9 @@ def dask_client(embed: EmbedConfig) -> Iterator[Any]:
 
     check_scheduler(embed)
     if embed.scheduler == "synchronous":
-        raise ConfigError("embed.scheduler 'synchronous' runs without Dask; there is no client to start")
+        raise ConfigError(
+            "embed.scheduler 'synchronous' runs without Dask; there is no client to start"
+        )
 
     if "://" in embed.scheduler:
         logger.debug("joining Dask scheduler %s", embed.scheduler)

@@ -21,7 +21,13 @@ from lensminer.config import LensMinerConfig, load_config
 from lensminer.infra.launch import survey_server_process
 from lensminer.sky import SimulatedSky
 
-__all__ = ["DemoResult", "demo_config", "run_image_folder_demo", "run_simulated_demo", "top_fraction_recall"]
+__all__ = [
+    "DemoResult",
+    "demo_config",
+    "run_image_folder_demo",
+    "run_simulated_demo",
+    "top_fraction_recall",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +61,9 @@ class DemoResult:
     outputs: dict[str, str] = field(default_factory=dict)
 
 
-def demo_config(run_dir: str, base_url: str, targets_url: str, overrides: dict[str, Any] | None = None) -> LensMinerConfig:
+def demo_config(
+    run_dir: str, base_url: str, targets_url: str, overrides: dict[str, Any] | None = None
+) -> LensMinerConfig:
     """Return the demo's configuration for a survey server at ``base_url``."""
     return load_config(
         None,

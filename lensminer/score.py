@@ -324,4 +324,6 @@ def score_embeddings(
         metrics["recall_in_top_5_percent"],
         out_dir,
     )
-    return ScoreResult(candidates_url, grid_url, metrics_url, metrics, int(scored.size), int(ranked[0]))
+    return ScoreResult(
+        candidates_url, grid_url, metrics_url, metrics, int(scored.size), int(ranked[0])
+    )

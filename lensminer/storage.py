@@ -12,7 +12,16 @@ from fsspec.core import url_to_fs
 
 from lensminer.exceptions import StoreNotFoundError
 
-__all__ = ["exists", "filesystem", "is_remote", "join_url", "open_file", "open_group", "read_json", "write_json"]
+__all__ = [
+    "exists",
+    "filesystem",
+    "is_remote",
+    "join_url",
+    "open_file",
+    "open_group",
+    "read_json",
+    "write_json",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +37,9 @@ def join_url(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *(part.strip("/") for part in parts)])
 
 
-def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+def filesystem(
+    url: str, storage_options: dict[str, Any] | None = None
+) -> tuple[fsspec.AbstractFileSystem, str]:
     """Return the fsspec file system and the protocol-free path of ``url``."""
     return url_to_fs(url, **(storage_options or {}))
 

@@ -14,7 +14,12 @@ from lensminer.download import TOP_FAILURES, download_cutouts
 from lensminer.targets import read_targets
 from lensminer.tasks._common import as_record
 
-__all__ = ["cut_brick_shard_task", "download_task", "plan_brick_download_task", "summarize_cutouts_task"]
+__all__ = [
+    "cut_brick_shard_task",
+    "download_task",
+    "plan_brick_download_task",
+    "summarize_cutouts_task",
+]
 
 
 # The cutout store is its own cache: finished shards are skipped on a rerun, so Prefect's result
@@ -54,10 +59,18 @@ def plan_brick_download_task(
     logger = get_run_logger()
     targets = read_targets(targets_url, storage_options=storage_options, label_column=label_column)
     grid = load_grid(bricks)
-    prepare_brick_store(targets, cutouts_url, survey, download, bricks, storage_options=storage_options, grid=grid)
+    prepare_brick_store(
+        targets, cutouts_url, survey, download, bricks, storage_options=storage_options, grid=grid
+    )
     work = shard_bricks(cutouts_url, grid, storage_options=storage_options)
     n_bricks = len({name for names in work.values() for name in names})
-    logger.info("%d targets: %d shards over %d bricks still to cut from %s", len(targets), len(work), n_bricks, bricks.root)
+    logger.info(
+        "%d targets: %d shards over %d bricks still to cut from %s",
+        len(targets),
+        len(work),
+        n_bricks,
+        bricks.root,
+    )
     return sorted(work)
 
 
@@ -71,7 +84,9 @@ def cut_brick_shard_task(
     storage_options: dict[str, Any] | None = None,
 ) -> dict[str, int]:
     """Cut one shard of the cutout store from its bricks and return its rows by status."""
-    return cut_brick_shard(cutouts_url, shard_index, survey, bricks, storage_options=storage_options)
+    return cut_brick_shard(
+        cutouts_url, shard_index, survey, bricks, storage_options=storage_options
+    )
 
 
 @task(name="summarize-cutouts", cache_policy=NO_CACHE)

@@ -25,7 +25,12 @@ def prepare_embeddings_task(
 ) -> list[int]:
     """Create or reopen the embedding store and return the shards still to embed."""
     pending = prepare_embedding_store(
-        cutouts_url, encoder_url, embeddings_url, embed, augment=augment, storage_options=storage_options
+        cutouts_url,
+        encoder_url,
+        embeddings_url,
+        embed,
+        augment=augment,
+        storage_options=storage_options,
     )
     get_run_logger().info("%d shards of %s still to embed", len(pending), embeddings_url)
     return pending
@@ -44,7 +49,12 @@ def embed_shard_task(
 ) -> int:
     """Embed one shard of the cutout store and return the rows embedded."""
     return embed_shard(
-        cutouts_url, encoder_url, embeddings_url, shard_index, embed, augment,
+        cutouts_url,
+        encoder_url,
+        embeddings_url,
+        shard_index,
+        embed,
+        augment,
         storage_options=storage_options,
     )
 
@@ -54,8 +64,13 @@ def verify_embeddings_task(
     cutouts_url: str, embeddings_url: str, storage_options: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Check that the embedding store is complete and aligned with the cutout store."""
-    summary = as_record(verify_embedding_store(cutouts_url, embeddings_url, storage_options=storage_options))
+    summary = as_record(
+        verify_embedding_store(cutouts_url, embeddings_url, storage_options=storage_options)
+    )
     get_run_logger().info(
-        "embedding store %s verified: %s rows, %s valid", embeddings_url, summary["n_rows"], summary["n_valid"]
+        "embedding store %s verified: %s rows, %s valid",
+        embeddings_url,
+        summary["n_rows"],
+        summary["n_valid"],
     )
     return summary

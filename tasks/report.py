@@ -40,7 +40,12 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     ]
     failures = download.get("top_failures") or []
     if failures:
-        lines += ["", "## Commonest download failures", "", *(f"- {count} × {reason}" for reason, count in failures)]
+        lines += [
+            "",
+            "## Commonest download failures",
+            "",
+            *(f"- {count} × {reason}" for reason, count in failures),
+        ]
     return "\n".join(lines)
 
 
@@ -53,14 +58,25 @@ def publish_report_task(
 ) -> None:
     """Write the run summary as JSON and publish it with the top candidates as Prefect artifacts."""
     storage.write_json(summary_url, summary, storage_options)
-    create_markdown_artifact(summary_markdown(summary), key="lens-search-summary", description="LensMiner run summary")
+    create_markdown_artifact(
+        summary_markdown(summary), key="lens-search-summary", description="LensMiner run summary"
+    )
 
     with fsspec.open(summary["score"]["candidates_url"], "r", **(storage_options or {})) as handle:
         candidates = Table.read(handle.read(), format="ascii.csv")
     rows = [
-        {name: candidates[name][i].item() if hasattr(candidates[name][i], "item") else candidates[name][i]
-         for name in _TABLE_COLUMNS if name in candidates.colnames}
+        {
+            name: candidates[name][i].item()
+            if hasattr(candidates[name][i], "item")
+            else candidates[name][i]
+            for name in _TABLE_COLUMNS
+            if name in candidates.colnames
+        }
         for i in range(min(top, len(candidates)))
     ]
-    create_table_artifact(rows, key="top-lens-candidates", description=f"Top {len(rows)} lens candidates")
-    get_run_logger().info("wrote %s and published the top %d candidates as artifacts", summary_url, len(rows))
+    create_table_artifact(
+        rows, key="top-lens-candidates", description=f"Top {len(rows)} lens candidates"
+    )
+    get_run_logger().info(
+        "wrote %s and published the top %d candidates as artifacts", summary_url, len(rows)
+    )

@@ -26,8 +26,18 @@ def score_task(
     """Train the linear probe, rank every row and write the candidates table, grid and metrics."""
     result = as_record(
         score_embeddings(
-            cutouts_url, embeddings_url, out_dir, score, embedding=embedding, storage_options=storage_options
+            cutouts_url,
+            embeddings_url,
+            out_dir,
+            score,
+            embedding=embedding,
+            storage_options=storage_options,
         )
     )
-    get_run_logger().info("ranked %s rows into %s; metrics %s", result["n_scored"], result["candidates_url"], result["metrics"])
+    get_run_logger().info(
+        "ranked %s rows into %s; metrics %s",
+        result["n_scored"],
+        result["candidates_url"],
+        result["metrics"],
+    )
     return result

@@ -16,7 +16,9 @@ SHARED_DATA = Path(os.environ.get("LENSMINER_SHARED_DATA", REPO_ROOT.parent / "s
 def shared_data() -> Path:
     """Folder of real survey data (gz-decals, decals-fits, lenses, sweep); skips when absent."""
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"real survey data not found at {SHARED_DATA}; set LENSMINER_SHARED_DATA to its folder")
+        pytest.skip(
+            f"real survey data not found at {SHARED_DATA}; set LENSMINER_SHARED_DATA to its folder"
+        )
     return SHARED_DATA
 
 

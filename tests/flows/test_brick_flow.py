@@ -27,8 +27,12 @@ def targets_and_mirror(tmp_path_factory):
     y = rng.integers(300, 3300, 10) + 0.5
     ra, dec = brick_wcs(BRICK).pixel_to_world_values(x, y)
     targets = Table(
-        {"target_id": [f"b{i}" for i in range(10)], "ra": np.round(ra, 8), "dec": np.round(dec, 8),
-         "label": (np.arange(10) % 2).astype("int8")}
+        {
+            "target_id": [f"b{i}" for i in range(10)],
+            "ra": np.round(ra, 8),
+            "dec": np.round(dec, 8),
+            "label": (np.arange(10) % 2).astype("int8"),
+        }
     )
     folder = tmp_path_factory.mktemp("dr9-south")
     source = SimulatedBrickSource(SKY, targets, cache_dir=folder)

@@ -48,7 +48,13 @@ def small_sky_run(tmp_path_factory, prefect_harness):
 
     with serve_in_thread(create_app(SimulatedSkySource(sky))) as base_url:
         config = load_config(
-            None, {**SMALL_RUN, "run_dir": str(run_dir), "targets": str(targets), "survey.base_url": base_url}
+            None,
+            {
+                **SMALL_RUN,
+                "run_dir": str(run_dir),
+                "targets": str(targets),
+                "survey.base_url": base_url,
+            },
         )
         summary = lens_search(config)
     return config, summary
@@ -83,8 +89,14 @@ def test_flow_writes_summary_and_neighbours(small_sky_run):
 
 def test_flow_rerun_skips_finished_shards(small_sky_run):
     config, _ = small_sky_run
-    with serve_in_thread(create_app(SimulatedSkySource(SimulatedSky(seed=3, lens_fraction=0.25)))) as base_url:
-        rerun = lens_search(config.model_copy(update={"survey": config.survey.model_copy(update={"base_url": base_url})}))
+    with serve_in_thread(
+        create_app(SimulatedSkySource(SimulatedSky(seed=3, lens_fraction=0.25)))
+    ) as base_url:
+        rerun = lens_search(
+            config.model_copy(
+                update={"survey": config.survey.model_copy(update={"base_url": base_url})}
+            )
+        )
     assert rerun["download"]["shards_written"] == 0
     assert rerun["embed"]["shards_written"] == 0
 

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from astropy.table import Table
-from lensminer.infra.sources import ImageDirectorySource, parse_iauname
-from lensminer.infra.survey_server import create_app, serve_in_thread
 from PIL import Image
 
 from lensminer.exceptions import SurveyServerError
+from lensminer.infra.sources import ImageDirectorySource, parse_iauname
+from lensminer.infra.survey_server import create_app, serve_in_thread
 
 pytestmark = pytest.mark.shared_data
 

@@ -17,10 +17,10 @@ import httpx
 import numpy as np
 import pytest
 from astropy.io import fits
-from lensminer.infra.sources import SimulatedSkySource
-from lensminer.infra.survey_server import READY_LINE, FaultConfig, create_app, serve_in_thread
 from PIL import Image
 
+from lensminer.infra.sources import SimulatedSkySource
+from lensminer.infra.survey_server import READY_LINE, FaultConfig, create_app, serve_in_thread
 from lensminer.rgb import fits_to_picture
 from lensminer.sky import SimulatedSky
 

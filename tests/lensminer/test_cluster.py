@@ -6,7 +6,12 @@ import importlib.util
 
 import pytest
 
-from lensminer.cluster import check_scheduler, dask_client, import_cluster_class, local_cluster_kwargs
+from lensminer.cluster import (
+    check_scheduler,
+    dask_client,
+    import_cluster_class,
+    local_cluster_kwargs,
+)
 from lensminer.config import EmbedConfig
 from lensminer.exceptions import ConfigError
 

@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from lensminer.models.encoder import build_encoder, export_encoder, load_encoder
 
 from lensminer import stores
 from lensminer.augment import evaluation_view
 from lensminer.config import AugmentConfig, EmbedConfig, PretrainConfig
 from lensminer.embed import embed_cutouts, prepare_embedding_store, verify_embedding_store
 from lensminer.exceptions import ConfigError, StoreError, StoreIncompleteError
+from lensminer.models.encoder import build_encoder, export_encoder, load_encoder
 
 VENV_BIN = Path(sys.executable).parent
 SIZE, CROP = 40, 32

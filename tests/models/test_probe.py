@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from lensminer.models.probe import LinearProbe, train_probe
 
 SETTINGS = {"epochs": 200, "learning_rate": 0.05, "weight_decay": 0.0}
