@@ -28,20 +28,17 @@ from urllib.parse import urlencode
 
 import fsspec
 import numpy as np
-from astropy import units as u
-from astropy.coordinates import SkyCoord
 from PIL import Image
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from lensminer import storage, stores
+from lensminer import storage
 from lensminer.config import LensMinerConfig
-from lensminer.exceptions import StoreError
 from lensminer.plots import cutouts_to_display
 from lensminer.score import viewer_url
-from lensminer.similarity import MAX_MATCH_ARCSEC, _load_index, l2_normalise
+from lensminer.similarity import MAX_MATCH_ARCSEC, QueryNotFoundError, SimilarityIndex
 
 __all__ = ["MAX_K", "N_CANDIDATES", "SimilarityRun", "create_web_app"]
 
@@ -81,7 +78,7 @@ class Query:
 
 
 class SimilarityRun:
-    """The faiss index, stores and candidate table of one run, opened once for many requests.
+    """The similarity index, stores and candidate table of one run, opened once for many requests.
 
     Parameters
     ----------
@@ -94,44 +91,30 @@ class SimilarityRun:
     StoreNotFoundError
         If a store is missing.
     StoreError
-        If the index is missing or was built from a store of another size.
+        If the index is missing or does not match the stores.
     """
 
     def __init__(self, config: LensMinerConfig) -> None:
         options = config.storage.options or None
         self.run_dir = config.run_dir
         self.default_k = min(config.similarity.k, MAX_K)
-        index_url = config.url("similarity.faiss")
 
-        # Open the index and both stores, and check that they belong together.
-        self.index, metadata = _load_index(index_url, options)
-        embeddings = stores.open_store(config.embeddings_url, "embeddings", storage_options=options)
-        self.cutouts = stores.open_store(config.cutouts_url, "cutouts", storage_options=options)
-        self.valid = embeddings["valid"][:]
-        self.n_rows = int(self.valid.shape[0])
-        if metadata["n_rows"] != self.n_rows:
-            raise StoreError(
-                f"the index {index_url!r} was built from {metadata['n_rows']} rows but "
-                f"{config.embeddings_url!r} has {self.n_rows}; run `lensminer index` again"
-            )
-        self.embedding_name = str(metadata["embedding"])
-        self.vectors = embeddings[self.embedding_name]
+        # Open the index with both stores, and build the position catalog now so that the first
+        # position query does not pay for it.
+        self.index = SimilarityIndex.open(
+            config.url("similarity.faiss"),
+            config.embeddings_url,
+            config.cutouts_url,
+            storage_options=options,
+        )
+        self.index.prepare_positions()
+        self.n_rows = self.index.n_rows
+        self.cutouts = self.index.cutouts
         attrs = self.cutouts.attrs.asdict()
         self.image_format = str(attrs["image_format"])
         self.bands = str(attrs["bands"])
         self.layer = str(attrs.get("layer", "ls-dr9"))
         self.labels = self.cutouts["label"] if "label" in self.cutouts else None
-
-        # Catalog of the embedded rows for position queries. Matching once now builds and caches
-        # its KD-tree, so the first position query does not pay for it.
-        # NOTE: the catalog and its KD-tree stay in memory, roughly 100 bytes per valid row (an
-        # estimate: tracemalloc counts 63 for 10^6 rows but misses the KD-tree's C++ nodes).
-        self.valid_rows = np.flatnonzero(self.valid)
-        self.catalog = SkyCoord(
-            self.cutouts["ra"][:][self.valid_rows] * u.deg,
-            self.cutouts["dec"][:][self.valid_rows] * u.deg,
-        )
-        self.catalog[:1].match_to_catalog_sky(self.catalog)
 
         self.candidates = read_top_candidates(
             config.url("candidates.csv"), N_CANDIDATES, self.n_rows, options
@@ -141,8 +124,8 @@ class SimilarityRun:
         self.cutout_png = functools.lru_cache(maxsize=PNG_CACHE_SIZE)(self._render_png)
         logger.info(
             "serving %d indexed %s vectors of %d rows and %d candidates from %s",
-            self.index.ntotal,
-            self.embedding_name,
+            self.index.index.ntotal,
+            self.index.embedding,
             self.n_rows,
             len(self.candidates),
             self.run_dir,
@@ -155,50 +138,26 @@ class SimilarityRun:
                 f"row {row} is out of range: the stores have rows 0 to {self.n_rows - 1}"
             )
 
-    def resolve_position(self, ra: float, dec: float) -> int:
-        """Return the embedded row nearest to (``ra``, ``dec``) in degrees.
-
-        Raises
-        ------
-        RequestError
-            With status 404 if no embedded object lies within ``MAX_MATCH_ARCSEC`` arcsec.
-        """
-        target = SkyCoord(ra * u.deg, dec * u.deg)
-        nearest, separation, _ = target.match_to_catalog_sky(self.catalog)
-        separation_arcsec = float(np.ravel(separation.to_value(u.arcsec))[0])
-        row = int(self.valid_rows[np.ravel(nearest)[0]])
-        if separation_arcsec > MAX_MATCH_ARCSEC:
-            raise RequestError(
-                f"no embedded object within {MAX_MATCH_ARCSEC:g} arcsec of RA {ra:g}, "
-                f"Dec {dec:g}; the nearest is row {row}, {_format_separation(separation_arcsec)} "
-                "away. "
-                "Search by its row or check the coordinates",
-                status_code=404,
-            )
-        return row
-
     def describe(self, rows: np.ndarray) -> list[dict[str, Any]]:
         """Return target_id, ra, dec (degrees), label and viewer link of each of ``rows``."""
-        selection = (np.asarray(rows, dtype=np.int64),)
-        target_ids = self.cutouts["target_id"].get_orthogonal_selection(selection)
-        ra = self.cutouts["ra"].get_orthogonal_selection(selection)
-        dec = self.cutouts["dec"].get_orthogonal_selection(selection)
+        rows = np.asarray(rows, dtype=np.int64)
         if self.labels is not None:
-            labels = self.labels.get_orthogonal_selection(selection)
+            labels = self.labels.get_orthogonal_selection((rows,))
         else:
-            labels = np.full(len(selection[0]), -1)
+            labels = np.full(rows.size, -1)
 
         records = []
-        for i, row in enumerate(selection[0]):
-            label = int(labels[i])
+        for row, label in zip(rows.tolist(), labels.tolist(), strict=True):
+            ra = float(self.index.ra[row])
+            dec = float(self.index.dec[row])
             records.append(
                 {
-                    "row": int(row),
-                    "target_id": str(target_ids[i]),
-                    "ra": float(ra[i]),
-                    "dec": float(dec[i]),
+                    "row": row,
+                    "target_id": str(self.index.target_id[row]),
+                    "ra": ra,
+                    "dec": dec,
                     "label": label if label in LABEL_NAMES else None,
-                    "viewer": viewer_url(float(ra[i]), float(dec[i]), self.layer),
+                    "viewer": viewer_url(ra, dec, self.layer),
                 }
             )
         return records
@@ -206,8 +165,8 @@ class SimilarityRun:
     def search(self, query: Query) -> dict[str, Any]:
         """Find the ``query.k`` objects most similar to the query object, excluding itself.
 
-        The search matches :func:`lensminer.similarity.find_similar` on the same index, but uses
-        the index and stores opened at start-up.
+        :meth:`lensminer.similarity.SimilarityIndex.search` does the search, on the index opened
+        at start-up.
 
         Returns
         -------
@@ -222,38 +181,30 @@ class SimilarityRun:
             400 for an out-of-range row, 404 for a row without an embedding or a position with
             no embedded object near it.
         """
-        if query.row is not None:
-            row = query.row
-            self.check_row(row)
-        else:
-            assert query.ra is not None and query.dec is not None
-            row = self.resolve_position(query.ra, query.dec)
-        if not self.valid[row]:
-            status = stores.RowStatus(int(self.cutouts["status"][row])).name
-            raise RequestError(
-                f"row {row} has no embedding because its cutout status is {status}; "
-                "search by another row",
-                status_code=404,
-            )
+        # QueryNotFoundError subclasses ValueError, so it is caught first.
+        try:
+            if query.row is not None:
+                row = query.row
+            else:
+                assert query.ra is not None and query.dec is not None
+                row = self.index.row_near(query.ra, query.dec, MAX_MATCH_ARCSEC)
+            table = self.index.search(row, query.k)
+        except QueryNotFoundError as error:
+            raise RequestError(str(error), status_code=404) from error
+        except ValueError as error:
+            raise RequestError(str(error)) from error
 
-        # Search one extra neighbour, because the query itself is usually the first hit.
-        vector = l2_normalise(self.vectors[row : row + 1])
-        similarity, ids = self.index.search(vector, min(query.k + 1, self.index.ntotal))
-        hits = [
-            (int(i), float(s))
-            for i, s in zip(ids[0], similarity[0], strict=True)
-            if i >= 0 and i != row
-        ][: query.k]
-
-        records = self.describe(np.array([i for i, _ in hits], dtype=np.int64))
+        records = self.describe(np.asarray(table["row"]))
         neighbours = [
-            {"rank": rank, **record, "similarity": score}
-            for rank, (record, (_, score)) in enumerate(zip(records, hits, strict=True), start=1)
+            {"rank": int(rank), **record, "similarity": float(similarity)}
+            for rank, similarity, record in zip(
+                table["rank"], table["similarity"], records, strict=True
+            )
         ]
         return {
             "query": self.describe(np.array([row]))[0],
             "k": query.k,
-            "embedding": self.embedding_name,
+            "embedding": self.index.embedding,
             "neighbours": neighbours,
         }
 
@@ -263,10 +214,6 @@ class SimilarityRun:
         buffer = io.BytesIO()
         Image.fromarray(tile, mode="RGB").save(buffer, format="PNG")
         return buffer.getvalue()
-
-
-def _format_separation(arcsec: float) -> str:
-    return f"{arcsec:.1f} arcsec" if arcsec < 3600.0 else f"{arcsec / 3600.0:.2f} deg"
 
 
 def read_top_candidates(

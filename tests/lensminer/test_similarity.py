@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import zarr
 
 from lensminer import stores
 from lensminer.config import SimilarityConfig
 from lensminer.exceptions import StoreError, StoreIncompleteError
-from lensminer.similarity import build_index, find_similar, l2_normalise
+from lensminer.similarity import (
+    QueryNotFoundError,
+    SimilarityIndex,
+    build_index,
+    find_similar,
+    l2_normalise,
+)
 
 LAYOUT = stores.CutoutLayout("grz", 8, 0.262, "jpeg", "ls-dr9", "http://127.0.0.1/viewer/")
 N_ROWS, DIM = 100, 16
@@ -191,3 +198,79 @@ def test_similar_on_s3(s3_endpoint):
         index_url, embeddings_url, cutouts_url, row=9, k=5, storage_options=s3_endpoint
     )
     assert list(table["row"]) == _brute_force(vectors, np.ones(40, bool), 9, 5)[0]
+
+
+def _open_index(run) -> SimilarityIndex:
+    return SimilarityIndex.open(run["index"], run["embeddings"], run["cutouts"])
+
+
+def test_index_search_matches_find_similar(run):
+    index = _open_index(run)
+    for row in (0, 12, 49, 98):
+        table = index.search(row, 7)
+        expected = find_similar(run["index"], run["embeddings"], run["cutouts"], row=row, k=7)
+        assert list(table["row"]) == list(expected["row"]), row
+        assert list(table["target_id"]) == list(expected["target_id"]), row
+        np.testing.assert_array_equal(table["similarity"], expected["similarity"])
+
+
+def test_index_row_near_nearest(run):
+    # Rows are 0.01 deg apart in RA, so 0.004 deg east of row 30 is nearest to row 30.
+    index = _open_index(run)
+    assert index.row_near(30.3 + 0.004, -5.0, max_separation_arcsec=20.0) == 30
+
+
+def test_index_row_near_too_far(run):
+    with pytest.raises(QueryNotFoundError, match=r"\(row 0\) is 35.9 arcsec away"):
+        _open_index(run).row_near(30.0 - 0.01, -5.0)
+
+
+def test_index_row_near_far_in_degrees(run):
+    with pytest.raises(QueryNotFoundError, match=r"is \d+\.\d\d deg away"):
+        _open_index(run).row_near(200.0, 40.0)
+
+
+@pytest.mark.parametrize(("ra", "dec"), [(float("nan"), 0.0), (30.0, float("inf")), (30.0, 91.0)])
+def test_index_row_near_bad_position(run, ra, dec):
+    with pytest.raises(ValueError, match="finite RA and Dec"):
+        _open_index(run).row_near(ra, dec)
+
+
+def test_index_invalid_row_status(run):
+    with pytest.raises(QueryNotFoundError, match="row 5 has no embedding .* NO_COVERAGE"):
+        _open_index(run).search(5, 3)
+
+
+def test_index_search_bad_k(run):
+    with pytest.raises(ValueError, match="k must be at least 1, got 0"):
+        _open_index(run).search(1, 0)
+
+
+def test_index_columns_loaded(run):
+    index = _open_index(run)
+    assert index.n_rows == N_ROWS
+    assert index.embedding == "representation"
+    assert list(index.target_id[:3]) == ["t000", "t001", "t002"]
+    np.testing.assert_allclose(index.ra, 30.0 + 0.01 * np.arange(N_ROWS))
+    np.testing.assert_array_equal(index.valid, run["valid"])
+
+
+def test_index_stale_after_rows_change(run):
+    # A row that turned valid after indexing would be missing from every search.
+    zarr.open_group(run["embeddings"], mode="r+")["valid"][5] = True
+    with pytest.raises(StoreError, match="contains 97 vectors .* has 98 valid"):
+        _open_index(run)
+
+
+def test_index_other_cutout_store(run, tmp_path):
+    stores.create_cutout_store(
+        str(tmp_path / "other.zarr"),
+        target_id=[f"u{i:03d}" for i in range(N_ROWS)],
+        ra=np.zeros(N_ROWS),
+        dec=np.zeros(N_ROWS),
+        layout=LAYOUT,
+        shard_rows=32,
+        chunk_rows=32,
+    )
+    with pytest.raises(StoreError, match="other target ids"):
+        SimilarityIndex.open(run["index"], run["embeddings"], str(tmp_path / "other.zarr"))

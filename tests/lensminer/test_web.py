@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import zarr
 from astropy.table import Table
-from lensminer.infra.survey_server import serve_in_thread
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -19,6 +18,7 @@ from lensminer import stores
 from lensminer.cli import app as cli_app
 from lensminer.config import LensMinerConfig
 from lensminer.exceptions import StoreError
+from lensminer.infra.survey_server import serve_in_thread
 from lensminer.plots import cutouts_to_display
 from lensminer.similarity import build_index, find_similar
 from lensminer.web import N_CANDIDATES, create_web_app
