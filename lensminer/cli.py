@@ -42,7 +42,7 @@ SetOption = Annotated[
     typer.Option(
         "--set",
         "-s",
-        help="Override one value, e.g. --set pretrain.epochs=5 (repeatable; values parsed as YAML).",
+        help="Override one value, e.g. --set pretrain.epochs=5; repeatable, values parsed as YAML.",
     ),
 ]
 RunDirOption = Annotated[
@@ -69,21 +69,24 @@ def _config(config: Path | None, sets: list[str] | None, **named: Any) -> LensMi
     return load_config(config, {**named, **_parse_sets(sets)})
 
 
+# Libraries whose INFO messages (one per HTTP request, cluster event or hardware probe) would
+# drown the stage milestones; their warnings and errors still show.
+_CHATTY_LIBRARIES = ("httpx", "httpcore", "distributed", "pytorch_lightning", "lightning", "faiss")
+
+
+class _QuietLibraries(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        chatty = record.name.split(".", 1)[0] in _CHATTY_LIBRARIES
+        return record.levelno >= logging.WARNING or not chatty
+
+
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
-    # Per-request and per-connection messages of the HTTP stack would drown the stage milestones.
-    for name in (
-        "httpx",
-        "httpcore",
-        "distributed",
-        "pytorch_lightning",
-        "lightning",
-        "lightning_fabric",
-    ):
-        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
+    level = logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        # A handler filter, because some libraries reset their logger's level when imported.
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_QuietLibraries())
 
 
 @app.callback()
