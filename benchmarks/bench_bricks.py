@@ -43,7 +43,9 @@ def make_targets(per_brick: int, n_bricks: int, seed: int = 0) -> Table:
         x, y = rng.uniform(100, 3500, (2, per_brick))
         ra_values, dec_values = brick_wcs(brick).pixel_to_world_values(x, y)
         ids = [f"b{index}-{i:05d}" for i in range(per_brick)]
-        tables.append(Table({"target_id": ids, "ra": np.round(ra_values, 6), "dec": np.round(dec_values, 6)}))
+        tables.append(
+            Table({"target_id": ids, "ra": np.round(ra_values, 6), "dec": np.round(dec_values, 6)})
+        )
         ra = brick.ra2 + 0.01
     return vstack(tables)
 
@@ -52,12 +54,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-brick", type=int, default=300, help="targets per brick")
     parser.add_argument("--bricks", type=int, default=2, help="bricks with targets")
-    parser.add_argument("--latency", type=float, default=0.2, help="seconds added to every response")
-    parser.add_argument("--concurrency", type=int, default=8, help="requests in flight in service mode")
-    parser.add_argument("--rate-limit", type=float, default=20.0, help="requests per second in service mode")
-    parser.add_argument("--service-rows", type=int, default=200, help="targets fetched in service mode")
+    parser.add_argument(
+        "--latency", type=float, default=0.2, help="seconds added to every response"
+    )
+    parser.add_argument(
+        "--concurrency", type=int, default=8, help="requests in flight in service mode"
+    )
+    parser.add_argument(
+        "--rate-limit", type=float, default=20.0, help="requests per second in service mode"
+    )
+    parser.add_argument(
+        "--service-rows", type=int, default=200, help="targets fetched in service mode"
+    )
     parser.add_argument("--size", type=int, default=152, help="cutout side in pixels")
-    parser.add_argument("--quantize-level", type=float, default=None, help="lossy brick files (default lossless)")
+    parser.add_argument(
+        "--quantize-level", type=float, default=None, help="lossy brick files (default lossless)"
+    )
     args = parser.parse_args()
 
     targets = make_targets(args.per_brick, args.bricks)
@@ -65,8 +77,14 @@ def main() -> None:
     catalog = work / "targets.csv"
     targets.write(catalog, format="ascii.csv")
     command = [
-        sys.executable, "-m", "lensminer.infra.survey_server", "--sky",
-        "--bricks-catalog", str(catalog), "--latency", str(args.latency),
+        sys.executable,
+        "-m",
+        "lensminer.infra.survey_server",
+        "--sky",
+        "--bricks-catalog",
+        str(catalog),
+        "--latency",
+        str(args.latency),
     ]
     if args.quantize_level is not None:
         command += ["--bricks-quantize-level", str(args.quantize_level)]
@@ -81,16 +99,22 @@ def main() -> None:
 
         # Render every brick on the server before timing.
         started = time.perf_counter()
-        owners = {brick_for(ra, dec).name for ra, dec in zip(targets["ra"], targets["dec"])}
+        owners = {
+            brick_for(ra, dec).name for ra, dec in zip(targets["ra"], targets["dec"], strict=True)
+        }
         for name in sorted(owners):
             httpx.head(coadd_path(root, name, kind="maskbits"), timeout=600)
         render_seconds = time.perf_counter() - started
 
         survey = SurveyConfig(base_url=base_url, size=args.size)
-        download = DownloadConfig(concurrency=args.concurrency, rate_limit=args.rate_limit, shard_rows=64, chunk_rows=16)
+        download = DownloadConfig(
+            concurrency=args.concurrency, rate_limit=args.rate_limit, shard_rows=64, chunk_rows=16
+        )
 
         started = time.perf_counter()
-        brick_summary = download_from_bricks(targets, str(work / "bricks.zarr"), survey, download, BrickConfig(root=root))
+        brick_summary = download_from_bricks(
+            targets, str(work / "bricks.zarr"), survey, download, BrickConfig(root=root)
+        )
         brick_seconds = time.perf_counter() - started
 
         subset = targets[:: max(1, len(targets) // args.service_rows)][: args.service_rows]
@@ -107,12 +131,19 @@ def main() -> None:
                 "targets": len(targets),
                 "bricks": len(owners),
                 "server_render_seconds": round(render_seconds, 1),
-                "brick_mode": {"rows": brick_summary.n_rows, "seconds": round(brick_seconds, 2),
-                               "objects_per_second": round(brick_summary.n_rows / brick_seconds, 1),
-                               "counts": brick_summary.counts, "files_read": brick_summary.requests},
-                "service_mode": {"rows": service_summary.n_rows, "seconds": round(service_seconds, 2),
-                                 "objects_per_second": round(service_summary.n_rows / service_seconds, 1),
-                                 "counts": service_summary.counts},
+                "brick_mode": {
+                    "rows": brick_summary.n_rows,
+                    "seconds": round(brick_seconds, 2),
+                    "objects_per_second": round(brick_summary.n_rows / brick_seconds, 1),
+                    "counts": brick_summary.counts,
+                    "files_read": brick_summary.requests,
+                },
+                "service_mode": {
+                    "rows": service_summary.n_rows,
+                    "seconds": round(service_seconds, 2),
+                    "objects_per_second": round(service_summary.n_rows / service_seconds, 1),
+                    "counts": service_summary.counts,
+                },
                 "settings": vars(args),
             },
             indent=2,

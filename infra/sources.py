@@ -28,7 +28,15 @@ from astropy.wcs.utils import proj_plane_pixel_scales
 from PIL import Image
 from scipy import ndimage
 
-from lensminer.bricks import BRICK_PIXELS, BRICK_PIXSCALE, Brick, BrickGrid, brick_wcs, coadd_path, default_grid
+from lensminer.bricks import (
+    BRICK_PIXELS,
+    BRICK_PIXSCALE,
+    Brick,
+    BrickGrid,
+    brick_wcs,
+    coadd_path,
+    default_grid,
+)
 from lensminer.exceptions import SurveyServerError
 from lensminer.rgb import fits_to_picture
 from lensminer.sky import NATIVE_PIXSCALE, SKY_BANDS, SimulatedSky
@@ -541,7 +549,8 @@ class SimulatedBrickSource:
             raise SurveyServerError(f"max_cached must be at least 1 brick, got {max_cached!r}")
         if quantize_level is not None and not quantize_level > 0:
             raise SurveyServerError(
-                f"quantize_level must be positive or None for lossless files, got {quantize_level!r}"
+                "quantize_level must be positive or None for lossless files, "
+                f"got {quantize_level!r}"
             )
         self.sky = sky
         self.grid = grid or default_grid()
@@ -552,7 +561,11 @@ class SimulatedBrickSource:
         self.max_cached = int(max_cached)
 
         self._temporary = cache_dir is None
-        self.cache_dir = Path(tempfile.mkdtemp(prefix="lensminer-bricks-")) if cache_dir is None else Path(cache_dir)
+        self.cache_dir = (
+            Path(tempfile.mkdtemp(prefix="lensminer-bricks-"))
+            if cache_dir is None
+            else Path(cache_dir)
+        )
         self._cached: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._lock = threading.Lock()
         self._brick_locks: dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
@@ -560,11 +573,15 @@ class SimulatedBrickSource:
         self._by_name = {brick.name: brick for brick in self.bricks}
         logger.info(
             "simulated bricks: %d targets in %d bricks, files under %s",
-            self.ra.size, len(self.bricks), self.cache_dir,
+            self.ra.size,
+            len(self.bricks),
+            self.cache_dir,
         )
 
     def __repr__(self) -> str:
-        return f"SimulatedBrickSource({self.sky!r}, targets={self.ra.size}, bricks={len(self.bricks)})"
+        return (
+            f"SimulatedBrickSource({self.sky!r}, targets={self.ra.size}, bricks={len(self.bricks)})"
+        )
 
     def close(self) -> None:
         """Delete a temporary cache folder; a folder given by the caller is kept."""
@@ -585,7 +602,9 @@ class SimulatedBrickSource:
             dec = np.clip(self.dec + d_dec, -90.0, 90.0)
             d_ra = reach / np.maximum(np.cos(np.radians(dec)), 1e-3)
             for sign in (-1.0, 0.0, 1.0):
-                candidates.update(np.unique(self.grid.indices_for(self.ra + sign * d_ra, dec)).tolist())
+                candidates.update(
+                    np.unique(self.grid.indices_for(self.ra + sign * d_ra, dec)).tolist()
+                )
 
         # Keep those whose grown image contains a target.
         covering = []
@@ -638,7 +657,9 @@ class SimulatedBrickSource:
         # Sky noise, seeded by the sky and the brick so that a rerender is identical.
         image = np.empty((len(bands), BRICK_PIXELS, BRICK_PIXELS), dtype=np.float32)
         for out_index, band_index in enumerate(band_indices):
-            rng = np.random.default_rng([self.sky.seed, _STREAM_BRICK_NOISE, brick.brickid, band_index])
+            rng = np.random.default_rng(
+                [self.sky.seed, _STREAM_BRICK_NOISE, brick.brickid, band_index]
+            )
             image[out_index] = rng.standard_normal((BRICK_PIXELS, BRICK_PIXELS), dtype=np.float32)
             image[out_index] *= np.float32(sigma[out_index])
 
@@ -744,7 +765,10 @@ def _pixels_on(brick: Brick, ra: np.ndarray, dec: np.ndarray) -> tuple[np.ndarra
 
 
 def _parity_offset(position: float, side: int) -> int:
-    """Return 0 or 1: the change of an even ``side`` that puts the stamp centre nearest ``position``."""
+    """Return the change, 0 or 1, to an even stamp ``side``.
+
+    Adding it puts the stamp centre nearest ``position``.
+    """
     fraction = (position - (side - 1) / 2) % 1.0
     return 1 if 0.25 < fraction < 0.75 else 0
 

@@ -11,10 +11,10 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
-from lensminer.infra.sources import SimulatedBrickSource, SimulatedSkySource
-from lensminer.infra.survey_server import brick_root, create_app, serve_in_thread
 
 from lensminer.bricks import BRICK_PIXELS, brick_for, brick_wcs, coadd_path
+from lensminer.infra.sources import SimulatedBrickSource, SimulatedSkySource
+from lensminer.infra.survey_server import brick_root, create_app, serve_in_thread
 from lensminer.sky import SimulatedSky
 
 SKY = SimulatedSky(seed=5, lens_fraction=0.0)
@@ -54,7 +54,16 @@ def test_bricks_table_lists_target_brick(root: str) -> None:
     table = Table.read(io.BytesIO(response.content), format="fits")
     assert response.status_code == 200
     assert BRICK.name in table["BRICKNAME"].tolist()
-    assert set(table.colnames) >= {"BRICKNAME", "BRICKID", "RA", "DEC", "RA1", "RA2", "DEC1", "DEC2"}
+    assert set(table.colnames) >= {
+        "BRICKNAME",
+        "BRICKID",
+        "RA",
+        "DEC",
+        "RA1",
+        "RA2",
+        "DEC1",
+        "DEC2",
+    }
 
 
 def test_served_header_has_brick_wcs(served_r: fits.HDUList) -> None:
@@ -91,7 +100,9 @@ def test_lossless_equals_render(bricks: SimulatedBrickSource, served_r: fits.HDU
 
 
 def test_invvar_and_maskbits_served(root: str) -> None:
-    invvar = fits.open(io.BytesIO(httpx.get(coadd_path(root, BRICK, "g", "invvar"), timeout=60).content))
+    invvar = fits.open(
+        io.BytesIO(httpx.get(coadd_path(root, BRICK, "g", "invvar"), timeout=60).content)
+    )
     maskbits = httpx.get(coadd_path(root, BRICK, kind="maskbits"), timeout=60)
     sigma = SKY.truth(BRICK.ra, BRICK.dec).noise_sigma[0]
     assert invvar[1].data[0, 0] == pytest.approx(1 / sigma**2, rel=1e-6)
@@ -113,7 +124,10 @@ def test_outside_footprint_404(root: str) -> None:
 
 
 def test_bad_file_name_404(root: str) -> None:
-    response = httpx.get(f"{root}/coadd/{BRICK.directory}/{BRICK.name}/legacysurvey-{BRICK.name}-image.fits", timeout=30)
+    response = httpx.get(
+        f"{root}/coadd/{BRICK.directory}/{BRICK.name}/legacysurvey-{BRICK.name}-image.fits",
+        timeout=30,
+    )
     assert response.status_code == 404
 
 

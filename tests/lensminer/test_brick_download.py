@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from astropy.table import Table, vstack
-from lensminer.infra.sources import SimulatedBrickSource, SimulatedSkySource
-from lensminer.infra.survey_server import brick_root, create_app, serve_in_thread
 
 from lensminer.brick_download import download_from_bricks, shard_bricks
 from lensminer.bricks import brick_for, brick_wcs, default_grid
 from lensminer.config import BrickConfig, DownloadConfig, SurveyConfig
 from lensminer.exceptions import ConfigError
+from lensminer.infra.sources import SimulatedBrickSource, SimulatedSkySource
+from lensminer.infra.survey_server import brick_root, create_app, serve_in_thread
 from lensminer.sky import SimulatedSky
 from lensminer.stores import RowStatus, open_store
 
@@ -35,7 +35,9 @@ def brick_targets() -> Table:
     x = rng.integers(300, 3300, 10) + 0.5
     y = rng.integers(300, 3300, 10) + 0.5
     ra, dec = brick_wcs(BRICK).pixel_to_world_values(x, y)
-    return Table({"target_id": [f"t{i}" for i in range(10)], "ra": np.round(ra, 8), "dec": np.round(dec, 8)})
+    return Table(
+        {"target_id": [f"t{i}" for i in range(10)], "ra": np.round(ra, 8), "dec": np.round(dec, 8)}
+    )
 
 
 def edge_target() -> Table:
@@ -62,7 +64,13 @@ def server(mirror: SimulatedBrickSource) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def local_store(mirror: SimulatedBrickSource, tmp_path_factory: pytest.TempPathFactory) -> str:
     url = str(tmp_path_factory.mktemp("stores") / "local.zarr")
-    download_from_bricks(brick_targets(), url, SurveyConfig(size=SIZE), DOWNLOAD, BrickConfig(root=str(mirror.cache_dir)))
+    download_from_bricks(
+        brick_targets(),
+        url,
+        SurveyConfig(size=SIZE),
+        DOWNLOAD,
+        BrickConfig(root=str(mirror.cache_dir)),
+    )
     return url
 
 
@@ -105,15 +113,25 @@ def test_matches_service_cutout(local_store: str, server: str) -> None:
 
 def test_http_equals_local(local_store: str, server: str, tmp_path: Path) -> None:
     url = str(tmp_path / "http.zarr")
-    summary = download_from_bricks(brick_targets(), url, SurveyConfig(size=SIZE), DOWNLOAD, BrickConfig(root=brick_root(server)))
+    summary = download_from_bricks(
+        brick_targets(),
+        url,
+        SurveyConfig(size=SIZE),
+        DOWNLOAD,
+        BrickConfig(root=brick_root(server)),
+    )
     assert summary.counts["OK"] == 10
-    assert np.array_equal(open_store(url, "cutouts")["images"][:], open_store(local_store, "cutouts")["images"][:])
+    assert np.array_equal(
+        open_store(url, "cutouts")["images"][:], open_store(local_store, "cutouts")["images"][:]
+    )
 
 
 def test_edge_filled_from_neighbour(mirror: SimulatedBrickSource, tmp_path: Path) -> None:
     url = str(tmp_path / "edge.zarr")
     survey = SurveyConfig(size=256)
-    summary = download_from_bricks(edge_target(), url, survey, DOWNLOAD, BrickConfig(root=str(mirror.cache_dir)))
+    summary = download_from_bricks(
+        edge_target(), url, survey, DOWNLOAD, BrickConfig(root=str(mirror.cache_dir))
+    )
     image = open_store(url, "cutouts")["images"][0]
     model = SKY.render(EDGE[0], EDGE[1], 256, 0.262, noise=False)
     x, _ = brick_wcs(BRICK).world_to_pixel_values(*EDGE)
@@ -143,17 +161,25 @@ def test_rerun_skips_done_shards(mirror: SimulatedBrickSource, tmp_path: Path) -
 def test_no_coverage_outside_footprint(server: str, tmp_path: Path) -> None:
     targets = Table({"target_id": ["far"], "ra": [20.0], "dec": [-30.0]})
     url = str(tmp_path / "far.zarr")
-    summary = download_from_bricks(targets, url, SurveyConfig(size=SIZE), DOWNLOAD, BrickConfig(root=brick_root(server)))
+    summary = download_from_bricks(
+        targets, url, SurveyConfig(size=SIZE), DOWNLOAD, BrickConfig(root=brick_root(server))
+    )
     group = open_store(url, "cutouts")
     assert summary.counts["NO_COVERAGE"] == 1
     assert "not found" in str(group["reason"][0])
     assert not group["images"][0].any()
 
 
-def test_s3_destination(mirror: SimulatedBrickSource, s3_endpoint: dict[str, object], local_store: str) -> None:
+def test_s3_destination(
+    mirror: SimulatedBrickSource, s3_endpoint: dict[str, object], local_store: str
+) -> None:
     url = "s3://lensminer-test/bricks/cutouts.zarr"
     summary = download_from_bricks(
-        brick_targets(), url, SurveyConfig(size=SIZE), DOWNLOAD, BrickConfig(root=str(mirror.cache_dir)),
+        brick_targets(),
+        url,
+        SurveyConfig(size=SIZE),
+        DOWNLOAD,
+        BrickConfig(root=str(mirror.cache_dir)),
         storage_options=s3_endpoint,
     )
     stored = open_store(url, "cutouts", storage_options=s3_endpoint)
@@ -163,9 +189,21 @@ def test_s3_destination(mirror: SimulatedBrickSource, s3_endpoint: dict[str, obj
 
 def test_pixscale_must_be_native(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="pixscale"):
-        download_from_bricks(brick_targets(), str(tmp_path / "x.zarr"), SurveyConfig(pixscale=0.5), DOWNLOAD, BrickConfig(root=str(tmp_path)))
+        download_from_bricks(
+            brick_targets(),
+            str(tmp_path / "x.zarr"),
+            SurveyConfig(pixscale=0.5),
+            DOWNLOAD,
+            BrickConfig(root=str(tmp_path)),
+        )
 
 
 def test_jpeg_rejected(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="image_format"):
-        download_from_bricks(brick_targets(), str(tmp_path / "x.zarr"), SurveyConfig(image_format="jpeg"), DOWNLOAD, BrickConfig(root=str(tmp_path)))
+        download_from_bricks(
+            brick_targets(),
+            str(tmp_path / "x.zarr"),
+            SurveyConfig(image_format="jpeg"),
+            DOWNLOAD,
+            BrickConfig(root=str(tmp_path)),
+        )

@@ -54,7 +54,9 @@ def test_vectorised_equals_scalar() -> None:
     rng = np.random.default_rng(1)
     ra = rng.uniform(0.0, 360.0, 50)
     dec = rng.uniform(-89.0, 89.0, 50)
-    assert [brick.name for brick in bricks_for(ra, dec)] == [brick_for(r, d).name for r, d in zip(ra, dec)]
+    assert [brick.name for brick in bricks_for(ra, dec)] == [
+        brick_for(r, d).name for r, d in zip(ra, dec, strict=True)
+    ]
 
 
 def test_brick_width_near_quarter_degree() -> None:
@@ -115,8 +117,14 @@ def test_coadd_path_layout() -> None:
     assert coadd_path("https://host/dr9/south/", brick, "r") == (
         f"https://host/dr9/south/coadd/112/{brick.name}/legacysurvey-{brick.name}-image-r.fits.fz"
     )
-    assert coadd_path("/m", "1126p222", "z", "invvar") == "/m/coadd/112/1126p222/legacysurvey-1126p222-invvar-z.fits.fz"
-    assert coadd_path("/m", "1126p222", kind="maskbits") == "/m/coadd/112/1126p222/legacysurvey-1126p222-maskbits.fits.fz"
+    assert (
+        coadd_path("/m", "1126p222", "z", "invvar")
+        == "/m/coadd/112/1126p222/legacysurvey-1126p222-invvar-z.fits.fz"
+    )
+    assert (
+        coadd_path("/m", "1126p222", kind="maskbits")
+        == "/m/coadd/112/1126p222/legacysurvey-1126p222-maskbits.fits.fz"
+    )
 
 
 def test_coadd_path_needs_band() -> None:
@@ -133,7 +141,9 @@ def test_table_round_trip(tmp_path) -> None:
         buffer.writeto(handle)
     grid = BrickGrid.read(str(path))
     ra, dec = np.array([0.1, 100.0]), np.array([0.0, 0.0])
-    assert [brick.name for brick in grid.bricks_for(ra, dec)] == [brick.name for brick in bricks_for(ra, dec)]
+    assert [brick.name for brick in grid.bricks_for(ra, dec)] == [
+        brick.name for brick in bricks_for(ra, dec)
+    ]
     assert len(grid) == len(rows)
 
 
