@@ -16,10 +16,12 @@ stage expects:
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import logging
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -519,37 +521,75 @@ def read_lens_table(
     return targets
 
 
-def read_lenscat(*, grading: Sequence[str] | None = None) -> Table:
-    """Read the community lens catalog of the optional ``lenscat`` package as positive targets.
+def lenscat_catalog_path() -> str:
+    """Return the path of the catalog CSV inside the installed ``lenscat`` package.
 
-    Parameters
-    ----------
-    grading
-        Keep only these values of the catalog's ``grading`` column (e.g. ``["confident"]``).
+    The package is located without importing it: its ``__init__`` loads pandas and ligo.skymap,
+    which reading the table does not need.
 
     Raises
     ------
     ImportError
         If ``lenscat`` is not installed.
+    FileNotFoundError
+        If the installed package has no ``data/catalog.csv``.
     """
-    try:
-        import lenscat
-    except ImportError as error:
+    spec = importlib.util.find_spec("lenscat")
+    if spec is None or not spec.submodule_search_locations:
         raise ImportError(
-            "read_lenscat needs the optional lenscat package; "
-            "install it with pip install 'lensminer[lenscat]'"
-        ) from error
+            "the lenscat package is not installed; install it with pip install 'lensminer[lenscat]' "
+            "or pass the path of its catalog CSV"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "catalog.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"lenscat is installed but {path} is missing; reinstall lenscat")
+    return str(path)
 
-    # NOTE: written for the lenscat 1.1 columns (name, RA, DEC, zlens, type, grading, ref) but never
-    # run, because lenscat is not installed in the test environment.
-    table = Table(lenscat.catalog)
+
+def read_lenscat(
+    path: str | None = None,
+    *,
+    grading: Sequence[str] | None = None,
+    merge_radius_arcsec: float = 1.0,
+    storage_options: dict[str, Any] | None = None,
+) -> Table:
+    """Read the community catalog of known and candidate lenses (lenscat) as positive targets.
+
+    Parameters
+    ----------
+    path
+        fsspec URL of a catalog CSV in lenscat's format (columns ``name``, ``RA [deg]``,
+        ``DEC [deg]``, ``zlens``, ``type``, ``grading``, ``ref``); the installed package's copy
+        when ``None``.
+    grading
+        Keep only these values of the ``grading`` column, e.g. ``["confident"]``.
+    merge_radius_arcsec
+        The catalog lists some lenses once per discovery paper, under the same or another name and
+        at slightly different positions; rows within this radius of an earlier row are dropped.
+
+    Returns
+    -------
+    Table
+        Standard target columns with ids from the coordinates (names repeat, and some are "-"),
+        ``label`` = 1, and the catalog's ``lens_name``, ``grading`` and ``type``.
+    """
+    table = read_table(path or lenscat_catalog_path(), storage_options=storage_options)
+
+    # lenscat puts units in its coordinate column names.
+    for name in table.colnames:
+        bare = name.split("[")[0].strip()
+        if bare != name and bare.lower() in ("ra", "dec"):
+            table.rename_column(name, bare.lower())
     if grading is not None:
         table = table[np.isin(_as_strings(table["grading"]), list(grading))]
+    table = merge_close_targets(table, merge_radius_arcsec)
+    # Renamed so that the repeated names are kept as data but not taken as ids.
+    table.rename_column("name", "lens_name")
+
     targets = standardize_targets(
         table,
         label_column=None,
-        id_columns=["name"],
-        keep_columns=["grading", "type"],
+        keep_columns=["lens_name", "grading", "type"],
         source="lenscat",
     )
     targets["label"] = np.ones(len(targets), dtype=np.int8)

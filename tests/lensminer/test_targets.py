@@ -269,3 +269,46 @@ def test_read_lenscat_missing_package() -> None:
         pytest.skip("lenscat is installed, so the missing-package error cannot be raised")
     with pytest.raises(ImportError, match=r"lensminer\[lenscat\]"):
         read_lenscat()
+
+
+LENSCAT_ROWS = """name,RA [deg],DEC [deg],zlens,type,grading,ref
+J0011-0845,2.83435,-8.7643,-,galaxy,confident,https://example.org/a
+J0013+5119,3.348077,51.3183,0.52,galaxy,probable,https://example.org/b
+J0100-2000,15.0,-20.0,-,cluster,confident,https://example.org/c
+"""
+
+
+def test_read_lenscat_file_format(tmp_path: Path) -> None:
+    path = tmp_path / "catalog.csv"
+    path.write_text(LENSCAT_ROWS)
+    targets = read_lenscat(str(path))
+    assert targets["lens_name"].tolist() == ["J0011-0845", "J0013+5119", "J0100-2000"]
+    np.testing.assert_allclose(targets["ra"], [2.83435, 3.348077, 15.0])
+    np.testing.assert_allclose(targets["dec"], [-8.7643, 51.3183, -20.0])
+    assert targets["label"].tolist() == [1, 1, 1]
+
+
+def test_read_lenscat_grading(tmp_path: Path) -> None:
+    path = tmp_path / "catalog.csv"
+    path.write_text(LENSCAT_ROWS)
+    targets = read_lenscat(str(path), grading=["confident"])
+    assert targets["lens_name"].tolist() == ["J0011-0845", "J0100-2000"]
+
+
+def test_read_lenscat_merges_repeats(tmp_path: Path) -> None:
+    path = tmp_path / "catalog.csv"
+    # The second row is the first lens again, 0.36 arcsec away, as listed by another paper.
+    path.write_text(
+        LENSCAT_ROWS + "J0011-0845b,2.8344,-8.76431,-,galaxy,probable,https://example.org/d\n"
+    )
+    targets = read_lenscat(str(path))
+    assert len(targets) == 3
+    assert len(set(targets["target_id"].tolist())) == 3
+
+
+def test_read_lenscat_installed_package() -> None:
+    if importlib.util.find_spec("lenscat") is None:
+        pytest.skip("the optional lenscat package is not installed")
+    targets = read_lenscat()
+    assert len(targets) > 10_000
+    assert np.all(targets["label"] == 1)
