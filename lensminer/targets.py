@@ -537,8 +537,8 @@ def lenscat_catalog_path() -> str:
     spec = importlib.util.find_spec("lenscat")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError(
-            "the lenscat package is not installed; install it with pip install 'lensminer[lenscat]' "
-            "or pass the path of its catalog CSV"
+            "the lenscat package is not installed; install it with "
+            "pip install 'lensminer[lenscat]' or pass the path of its catalog CSV"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / "data" / "catalog.csv"
     if not path.is_file():
