@@ -12,6 +12,7 @@ __all__ = [
     "CutoutParseError",
     "DownloadError",
     "LensMinerError",
+    "QueryNotFoundError",
     "StoreError",
     "StoreIncompleteError",
     "StoreNotFoundError",
@@ -54,6 +55,14 @@ class StoreIncompleteError(StoreError):
 
 class CheckpointError(LensMinerError, ValueError):
     """A model checkpoint or exported encoder is missing, corrupt or incompatible."""
+
+
+class QueryNotFoundError(LensMinerError, ValueError):
+    """A similarity query matches no indexed object.
+
+    The query row has no embedding, or no embedded object lies within the match radius of the
+    query position.
+    """
 
 
 class SurveyServerError(LensMinerError, ValueError):

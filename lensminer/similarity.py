@@ -22,7 +22,7 @@ from astropy.table import Table
 
 from lensminer import storage, stores
 from lensminer.config import SimilarityConfig
-from lensminer.exceptions import LensMinerError, StoreError
+from lensminer.exceptions import QueryNotFoundError, StoreError
 
 __all__ = [
     "MAX_MATCH_ARCSEC",
@@ -138,14 +138,6 @@ def _read_index(
 
 def _format_separation(arcsec: float) -> str:
     return f"{arcsec:.1f} arcsec" if arcsec < 3600.0 else f"{arcsec / 3600.0:.2f} deg"
-
-
-class QueryNotFoundError(LensMinerError, ValueError):
-    """A similarity query that matches no indexed object.
-
-    The query row has no embedding, or no embedded object lies within the match radius of the
-    query position.
-    """
 
 
 class SimilarityIndex:
