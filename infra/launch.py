@@ -17,7 +17,8 @@ __all__ = ["READY_PREFIX", "survey_server_process"]
 
 logger = logging.getLogger(__name__)
 
-# The survey server prints this prefix and its base URL on one stdout line once it accepts connections.
+# Once the survey server accepts connections, it prints this prefix and its base URL on one
+# stdout line.
 READY_PREFIX = "LENSMINER_SURVEY_SERVER "
 
 

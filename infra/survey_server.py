@@ -6,8 +6,9 @@ and ``jpeg-cutout`` (alias ``cutout.jpg``) take ``ra``, ``dec``, ``layer``, ``pi
 simulated sky, ``sim/truth?ra=..&dec=..`` returns the object at a position as JSON.
 
 With a :class:`~lensminer.infra.sources.SimulatedBrickSource`, the server also serves brick
-coadds as a data release does: ``/dr9/south/coadd/<AAA>/<brick>/legacysurvey-<brick>-image-<band>.fits.fz``
-(also ``-invvar-<band>`` and ``-maskbits``) and the table ``/dr9/south/survey-bricks.fits`` of
+coadds as a data release does:
+``/dr9/south/coadd/<AAA>/<brick>/legacysurvey-<brick>-image-<band>.fits.fz`` (also
+``-invvar-<band>`` and ``-maskbits``) and the table ``/dr9/south/survey-bricks.fits`` of
 the bricks it covers. Brick files answer HTTP range requests; bricks outside the covered
 footprint answer 404.
 

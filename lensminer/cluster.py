@@ -24,8 +24,8 @@ def check_scheduler(embed: EmbedConfig) -> None:
     if scheduler == "cluster":
         if not embed.cluster_class:
             raise ConfigError(
-                "embed.scheduler is 'cluster' but embed.cluster_class is not set; give a dotted class "
-                "path such as dask_jobqueue.SLURMCluster (see infra/clusters/)"
+                "embed.scheduler is 'cluster' but embed.cluster_class is not set; give a dotted "
+                "class path such as dask_jobqueue.SLURMCluster (see infra/clusters/)"
             )
         return
     raise ConfigError(

@@ -20,7 +20,8 @@ _TABLE_COLUMNS = ("rank", "target_id", "ra", "dec", "score", "label", "split", "
 def summary_markdown(summary: dict[str, Any]) -> str:
     """Render the run summary (the parent flow's return value) as markdown."""
     download = summary["download"]
-    metrics = summary["score"]["metrics"]
+    pretrain, embed, score = summary["pretrain"], summary["embed"], summary["score"]
+    metrics = score["metrics"]
     lines = [
         "# LensMiner run",
         "",
@@ -29,9 +30,9 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         "| stage | output | numbers |",
         "|---|---|---|",
         f"| download | `{download['store_url']}` | rows by status: {download['counts']} |",
-        f"| pretrain | `{summary['pretrain']['encoder_url']}` | steps: {summary['pretrain']['steps']} |",
-        f"| embed | `{summary['embed']['embeddings_url']}` | valid rows: {summary['embed']['n_valid']} of {summary['embed']['n_rows']} |",
-        f"| score | `{summary['score']['candidates_url']}` | rows ranked: {summary['score']['n_scored']} |",
+        f"| pretrain | `{pretrain['encoder_url']}` | steps: {pretrain['steps']} |",
+        f"| embed | `{embed['embeddings_url']}` | valid rows: {embed['n_valid']} of {embed['n_rows']} |",
+        f"| score | `{score['candidates_url']}` | rows ranked: {score['n_scored']} |",
         f"| similarity | `{summary['index_url']}` | rows indexed: {summary['n_indexed']} |",
         "",
         "## Metrics on the held-out split",
