@@ -31,7 +31,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         "|---|---|---|",
         f"| download | `{download['store_url']}` | rows by status: {download['counts']} |",
         f"| pretrain | `{pretrain['encoder_url']}` | steps: {pretrain['steps']} |",
-        f"| embed | `{embed['embeddings_url']}` | valid rows: {embed['n_valid']} of {embed['n_rows']} |",
+        f"| embed | `{embed['embeddings_url']}` | valid: {embed['n_valid']}/{embed['n_rows']} |",
         f"| score | `{score['candidates_url']}` | rows ranked: {score['n_scored']} |",
         f"| similarity | `{summary['index_url']}` | rows indexed: {summary['n_indexed']} |",
         "",
