@@ -47,6 +47,13 @@ class SurveyConfig(_Section):
     size: int = Field(152, ge=8, le=3000, description="Cutout side in pixels.")
     pixscale: float = Field(0.262, gt=0, description="Pixel scale in arcsec per pixel.")
     image_format: Literal["fits", "jpeg"] = Field("fits", description="fits: float32 nanomaggies; jpeg: uint8 RGB.")
+    invvar: bool = Field(
+        False,
+        description="Also store inverse-variance planes, nanomaggies^-2 per band (FITS only).",
+    )
+    maskbits: bool = Field(
+        False, description="Also store the int32 maskbits plane of the coadds (FITS only)."
+    )
 
 
 class DownloadConfig(_Section):

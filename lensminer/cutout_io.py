@@ -3,8 +3,8 @@
 A Legacy Survey ``fits-cutout`` response is one primary HDU holding a big-endian float32 cube of
 shape (n_bands, height, width) in nanomaggies, with ``BANDS``/``BANDn`` keywords and a TAN WCS
 whose CD matrix gives the pixel scale. Extra HDUs with ``IMAGETYP`` ``INVVAR`` or ``MASKBITS``
-follow when the request sets ``invvar`` or ``maskbits``. Everything that does not match the
-request raises
+follow when the request sets ``invvar`` or ``maskbits``; a requested plane must be present with
+the image's shape. Everything that does not match the request raises
 :class:`~lensminer.exceptions.CutoutParseError`, so the download stage can retry the request or
 record the row as failed instead of storing a wrong image.
 """
@@ -122,7 +122,9 @@ def _extra_plane(hdus: fits.HDUList, kind: str) -> np.ndarray | None:
     return None
 
 
-def _cube(data: np.ndarray | None, bands: str, size: int | None) -> np.ndarray:
+def _cube(
+    data: np.ndarray | None, bands: str, size: int | None, what: str = "FITS image"
+) -> np.ndarray:
     if data is None:
         raise CutoutParseError("FITS response has no image data in its primary HDU")
     if data.ndim == 2:
@@ -130,13 +132,29 @@ def _cube(data: np.ndarray | None, bands: str, size: int | None) -> np.ndarray:
     expected = (len(bands), size, size) if size is not None else (len(bands), *data.shape[1:])
     if data.ndim != 3 or data.shape != expected:
         raise CutoutParseError(
-            f"FITS image has shape {data.shape}, expected {expected} (bands {bands!r})"
+            f"{what} has shape {data.shape}, expected {expected} (bands {bands!r})"
         )
     return data
 
 
+def _maskbits_plane(data: np.ndarray, image_shape: tuple[int, ...]) -> np.ndarray:
+    expected = image_shape[1:]
+    if data.shape != expected:
+        raise CutoutParseError(f"MASKBITS plane has shape {data.shape}, expected {expected}")
+    if not np.issubdtype(data.dtype, np.integer):
+        raise CutoutParseError(
+            f"MASKBITS plane has dtype {data.dtype.name}, expected an integer type"
+        )
+    return data.astype(np.int32)
+
+
 def _parse_fits(
-    data: bytes, bands: str | None, size: int | None, pixscale: float | None
+    data: bytes,
+    bands: str | None,
+    size: int | None,
+    pixscale: float | None,
+    want_invvar: bool = False,
+    want_maskbits: bool = False,
 ) -> ParsedCutout:
     with _open_fits(data) as hdus:
         _check_complete(hdus, len(data))
@@ -170,6 +188,12 @@ def _parse_fits(
             raise CutoutParseError(f"FITS response is truncated or corrupt: {error}") from error
         cube = _cube(raw, plane_bands, size)
 
+    # A requested plane must be there. A response cut exactly at an HDU boundary also lacks it.
+    if want_invvar and invvar is None:
+        raise CutoutParseError("response has no INVVAR HDU, but the request set invvar=1")
+    if want_maskbits and maskbits is None:
+        raise CutoutParseError("response has no MASKBITS HDU, but the request set maskbits=1")
+
     # Native-endian float32 copy, with NaN and inf set to 0.
     image = cube.astype(np.float32)
     nonfinite = ~np.isfinite(image)
@@ -180,10 +204,13 @@ def _parse_fits(
 
     if invvar is not None:
         invvar = np.nan_to_num(
-            _cube(invvar, plane_bands, size).astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0
+            _cube(invvar, plane_bands, size, "INVVAR plane").astype(np.float32),
+            nan=0.0,
+            posinf=0.0,
+            neginf=0.0,
         )
     if maskbits is not None:
-        maskbits = maskbits.astype(np.int32)
+        maskbits = _maskbits_plane(maskbits, image.shape)
     return ParsedCutout(
         image=image,
         status=status,
@@ -195,7 +222,15 @@ def _parse_fits(
     )
 
 
-def parse_fits_cutout(data: bytes, *, bands: str, size: int, pixscale: float) -> ParsedCutout:
+def parse_fits_cutout(
+    data: bytes,
+    *,
+    bands: str,
+    size: int,
+    pixscale: float,
+    invvar: bool = False,
+    maskbits: bool = False,
+) -> ParsedCutout:
     """Parse a ``fits-cutout`` response and check it against the request.
 
     Parameters
@@ -205,20 +240,23 @@ def parse_fits_cutout(data: bytes, *, bands: str, size: int, pixscale: float) ->
     bands, size, pixscale
         The request: band letters in order, side in pixels and arcsec per pixel. The pixel scale
         must match the header's CD matrix (or CDELT) within a relative 1e-3.
+    invvar, maskbits
+        Whether the request set ``invvar=1`` or ``maskbits=1``. A requested plane must be in the
+        response. Planes that were not requested are parsed when present.
 
     Returns
     -------
     ParsedCutout
         ``image`` float32 of shape (len(bands), size, size); a 2-D single-band response becomes
-        (1, size, size).
+        (1, size, size). ``invvar`` has the image's shape and ``maskbits`` is (size, size).
 
     Raises
     ------
     CutoutParseError
-        If the bytes are not FITS, are truncated, or the shape, bands or pixel scale differ from
-        the request.
+        If the bytes are not FITS, are truncated, the shape, bands or pixel scale differ from
+        the request, or a requested plane is missing or has the wrong shape.
     """
-    return _parse_fits(data, bands, size, pixscale)
+    return _parse_fits(data, bands, size, pixscale, invvar, maskbits)
 
 
 def read_fits_cutout_file(

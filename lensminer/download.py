@@ -1,10 +1,11 @@
 """The download stage: fetch a cutout for every target into a sharded Zarr cutout store.
 
 The store layout and the shard contract are those of :mod:`lensminer.stores`. This stage fetches
-all rows of a shard concurrently through one shared :class:`~lensminer.client.CutoutClient`,
-parses each response, and writes the shard's images, status and reason in one go from a single
-writer before it sets the shard's ``shard_done`` flag. A crash before the flag leaves the shard
-pending and a rerun rewrites it whole.
+all rows of a shard concurrently through one shared :class:`~lensminer.client.CutoutClient`
+and parses each response. A single writer then writes the shard's images, the optional ``invvar``
+and ``maskbits`` planes (``survey.invvar``, ``survey.maskbits``), status and reason, and sets the
+shard's ``shard_done`` flag last. A crash before the flag leaves the shard pending and a
+rerun rewrites it whole.
 
 Failed rows of finished shards are retried by a rerun when ``retry_failed=True`` (the default).
 For each done shard with FAILED rows, the rerun fetches only those rows, reads the other rows back
@@ -32,7 +33,7 @@ from astropy.table import Table
 from lensminer.client import CutoutClient, FetchError, client_version
 from lensminer.config import DownloadConfig, SurveyConfig
 from lensminer.cutout_io import ParsedCutout, parse_fits_cutout, parse_jpeg_cutout
-from lensminer.exceptions import TargetError
+from lensminer.exceptions import ConfigError, TargetError
 from lensminer.stores import (
     CutoutLayout,
     RowStatus,
@@ -56,6 +57,9 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 TOP_FAILURES = 5
 PSF_COLUMNS = ("psfsize_g", "psfsize_r", "psfsize_z")
+
+# Store array name to the ParsedCutout field that fills it.
+_PLANE_FIELDS = {"images": "image", "invvar": "invvar", "maskbits": "maskbits"}
 
 
 @dataclass
@@ -94,16 +98,34 @@ class DownloadSummary:
 @dataclass
 class _RowResult:
     status: RowStatus
-    image: np.ndarray | None = None
+    parsed: ParsedCutout | None = None
     reason: str = ""
+
+
+def _check_planes(survey: SurveyConfig) -> None:
+    requested = [f"survey.{name}" for name in ("invvar", "maskbits") if getattr(survey, name)]
+    if survey.image_format != "fits" and requested:
+        raise ConfigError(
+            f"the optional planes of {' and '.join(requested)} need FITS cutouts, but "
+            f"survey.image_format is "
+            f"{survey.image_format!r}; set survey.image_format to 'fits' or set "
+            f"{' and '.join(requested)} to false"
+        )
 
 
 def cutout_request(survey: SurveyConfig, ra: float, dec: float) -> tuple[str, dict[str, Any]]:
     """Return the endpoint and query parameters of one cutout request.
 
     ``ra`` and ``dec`` are sent with ``repr`` precision, so the service centres the cutout on the
-    stored float64 coordinates.
+    stored float64 coordinates. ``survey.invvar`` and ``survey.maskbits`` add ``invvar=1`` and
+    ``maskbits=1``.
+
+    Raises
+    ------
+    ConfigError
+        If ``survey.invvar`` or ``survey.maskbits`` is set for JPEG cutouts.
     """
+    _check_planes(survey)
     params: dict[str, Any] = {
         "ra": repr(float(ra)),
         "dec": repr(float(dec)),
@@ -113,6 +135,10 @@ def cutout_request(survey: SurveyConfig, ra: float, dec: float) -> tuple[str, di
     }
     if survey.image_format == "fits":
         params["bands"] = survey.bands
+        if survey.invvar:
+            params["invvar"] = 1
+        if survey.maskbits:
+            params["maskbits"] = 1
         return "fits-cutout", params
     return "jpeg-cutout", params
 
@@ -120,7 +146,12 @@ def cutout_request(survey: SurveyConfig, ra: float, dec: float) -> tuple[str, di
 def _parser(survey: SurveyConfig) -> Callable[[bytes], ParsedCutout]:
     if survey.image_format == "fits":
         return lambda body: parse_fits_cutout(
-            body, bands=survey.bands, size=survey.size, pixscale=survey.pixscale
+            body,
+            bands=survey.bands,
+            size=survey.size,
+            pixscale=survey.pixscale,
+            invvar=survey.invvar,
+            maskbits=survey.maskbits,
         )
     return lambda body: parse_jpeg_cutout(body, size=survey.size)
 
@@ -170,6 +201,8 @@ def _open_store(
         image_format=survey.image_format,
         layer=survey.layer,
         service_url=survey.base_url,
+        invvar=survey.invvar,
+        maskbits=survey.maskbits,
     )
     provenance = {
         "client": f"lensminer {client_version()}",
@@ -236,8 +269,13 @@ class _ShardWriter:
         self.progress = progress
         self.parse = _parser(survey)
         self.n_rows = ra.shape[0]
-        self.image_shape = group["images"].shape[1:]
-        self.image_dtype = group["images"].dtype
+        # Shape of one row and dtype of each array written per shard, in writing order: images
+        # first, then the optional planes.
+        self.arrays = {
+            name: (group[name].shape[1:], group[name].dtype)
+            for name in _PLANE_FIELDS
+            if name in group
+        }
 
     async def _fetch_row(self, row: int) -> _RowResult:
         endpoint, params = cutout_request(self.survey, self.ra[row], self.dec[row])
@@ -248,7 +286,7 @@ class _ShardWriter:
         finally:
             self.progress(1)
         reason = "" if parsed.status == RowStatus.OK else "no coverage: every pixel is 0"
-        return _RowResult(parsed.status, parsed.image, reason)
+        return _RowResult(parsed.status, parsed, reason)
 
     async def run_shard(self, index: int, fetch_rows: np.ndarray) -> None:
         rows = shard_slice(index, self.n_rows, self.shard_rows)
@@ -262,34 +300,45 @@ class _ShardWriter:
         # Start from the stored shard when only some rows were refetched.
         refetch_all = fetch_rows.size == n
         if refetch_all:
-            images = np.zeros((n, *self.image_shape), dtype=self.image_dtype)
+            planes = {
+                name: np.zeros((n, *shape), dtype=dtype)
+                for name, (shape, dtype) in self.arrays.items()
+            }
             status = np.full(n, int(RowStatus.PENDING), dtype=np.uint8)
             reason = np.full(n, "", dtype=object)
         else:
-            images, status, reason = await asyncio.to_thread(self._read_shard, rows)
+            planes, status, reason = await asyncio.to_thread(self._read_shard, rows)
         for offset, result in zip(fetch_rows, results, strict=True):
             status[offset] = int(result.status)
             reason[offset] = result.reason
-            images[offset] = result.image if result.image is not None else 0
+            for name, plane in planes.items():
+                value = getattr(result.parsed, _PLANE_FIELDS[name], None)
+                plane[offset] = value if value is not None else 0
 
-        await asyncio.to_thread(self._write_shard, index, rows, images, status, reason)
+        await asyncio.to_thread(self._write_shard, index, rows, planes, status, reason)
 
-    def _read_shard(self, rows: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _read_shard(self, rows: slice) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
         return (
-            self.group["images"][rows],
+            {name: self.group[name][rows] for name in self.arrays},
             self.group["status"][rows],
             np.asarray(self.group["reason"][rows], dtype=object),
         )
 
     def _write_shard(
-        self, index: int, rows: slice, images: np.ndarray, status: np.ndarray, reason: np.ndarray
+        self,
+        index: int,
+        rows: slice,
+        planes: dict[str, np.ndarray],
+        status: np.ndarray,
+        reason: np.ndarray,
     ) -> None:
         # The flag goes down before and up after the arrays, so a crash in between leaves the
         # shard pending (it is already down for a shard that was never finished).
         flags = self.group["shard_done"]
         if flags[index]:
             flags[index] = False
-        self.group["images"][rows] = images
+        for name in self.arrays:
+            self.group[name][rows] = planes[name]
         self.group["status"][rows] = status
         self.group["reason"][rows] = reason.astype(str)
         flags[index] = True
@@ -360,7 +409,8 @@ def download_cutouts(
     store_url
         Local path or fsspec URL (e.g. ``s3://bucket/run/cutouts.zarr``) of the store.
     survey
-        Service URL, layer, bands, cutout size in pixels, pixel scale and image format.
+        Service URL, layer, bands, cutout size in pixels, pixel scale, image format, and whether
+        to store the ``invvar`` (N, C, S, S) and ``maskbits`` (N, S, S) planes (FITS only).
     download
         Client settings and the shard and chunk sizes of a new store.
     storage_options
@@ -380,12 +430,16 @@ def download_cutouts(
 
     Raises
     ------
+    ConfigError
+        If ``survey`` requests invvar or maskbits planes with JPEG cutouts.
     TargetError
         If ``targets`` lacks the standard columns or has no rows.
     StoreError
-        If a store for other targets or of another kind exists at ``store_url``.
+        If a store for other targets, of another kind or with other optional planes exists at
+        ``store_url``.
     """
     started = time.perf_counter()
+    _check_planes(survey)
     check_targets(targets)
 
     # Create or reopen the store and work out what is left to do.

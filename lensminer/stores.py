@@ -8,6 +8,10 @@ it whole and never trusts a half-written shard.
 Cutout store (``kind = "cutouts"``)::
 
     images      (N, C, S, S)  float32 nanomaggies (FITS) or uint8 RGB (JPEG); shards of shard_rows
+    invvar      (N, C, S, S)  float32 inverse variance in nanomaggies^-2, 0 without data. FITS
+                              only, present when the layout requests it. Chunked as images
+    maskbits    (N, S, S)     int32 coadd maskbits. FITS only, present when the layout requests
+                              it. Chunked as images
     ra, dec     (N,)          float64 degrees (ICRS)
     target_id   (N,)          str
     status      (N,)          uint8 RowStatus code
@@ -16,6 +20,9 @@ Cutout store (``kind = "cutouts"``)::
     label       (N,)          int8, 1 lens / 0 not / -1 unknown (present when the targets had labels)
     ebv         (N,)          float32 E(B-V) (optional)
     psf_fwhm    (N, C)        float32 arcsec (optional)
+
+The attribute ``planes`` lists the optional image planes that the store contains (``invvar``,
+``maskbits``), so a rerun that requests other planes is rejected instead of mixing layouts.
 
 Embedding store (``kind = "embeddings"``)::
 
@@ -45,6 +52,7 @@ from lensminer.exceptions import StoreError, StoreIncompleteError, StoreNotFound
 __all__ = [
     "SCHEMA_VERSION",
     "RowStatus",
+    "check_planes",
     "create_cutout_store",
     "create_embedding_store",
     "mark_shard_done",
@@ -80,10 +88,17 @@ class CutoutLayout:
     image_format: str  # "fits" or "jpeg"
     layer: str
     service_url: str
+    invvar: bool = False
+    maskbits: bool = False
 
     @property
     def channels(self) -> int:
         return 3 if self.image_format == "jpeg" else len(self.bands)
+
+    @property
+    def planes(self) -> list[str]:
+        """Names of the optional planes stored beside ``images``, in writing order."""
+        return [name for name in ("invvar", "maskbits") if getattr(self, name)]
 
     @property
     def dtype(self) -> str:
@@ -99,7 +114,9 @@ def shard_slice(index: int, n_rows: int, shard_rows: int) -> slice:
     """Return the row slice of shard ``index`` (the last shard may be short)."""
     start = index * shard_rows
     if not 0 <= start < max(n_rows, 1):
-        raise IndexError(f"shard {index} is out of range for {n_rows} rows in shards of {shard_rows}")
+        raise IndexError(
+            f"shard {index} is out of range for {n_rows} rows in shards of {shard_rows}"
+        )
     return slice(start, min(start + shard_rows, n_rows))
 
 
@@ -108,13 +125,19 @@ def _as_ids(target_id: Sequence[str] | np.ndarray) -> np.ndarray:
     return np.asarray([str(value) for value in np.asarray(target_id).tolist()], dtype=str)
 
 
-def _row_array(group: zarr.Group, name: str, n_rows: int, shard_rows: int, dtype: Any, fill: Any) -> zarr.Array:
+def _row_array(
+    group: zarr.Group, name: str, n_rows: int, shard_rows: int, dtype: Any, fill: Any
+) -> zarr.Array:
     # Per-row arrays use one chunk per shard, so the writer of a shard owns the whole chunk.
-    return group.create_array(name, shape=(n_rows,), chunks=(shard_rows,), dtype=dtype, fill_value=fill)
+    return group.create_array(
+        name, shape=(n_rows,), chunks=(shard_rows,), dtype=dtype, fill_value=fill
+    )
 
 
 def _flags_array(group: zarr.Group, n_shards: int) -> zarr.Array:
-    return group.create_array("shard_done", shape=(n_shards,), chunks=(1,), dtype="bool", fill_value=False)
+    return group.create_array(
+        "shard_done", shape=(n_shards,), chunks=(1,), dtype="bool", fill_value=False
+    )
 
 
 def _check_existing(group: zarr.Group, kind: str, target_ids: np.ndarray, url: str) -> None:
@@ -130,6 +153,41 @@ def _check_existing(group: zarr.Group, kind: str, target_ids: np.ndarray, url: s
             f"{url!r} was created for other targets ({stored.shape[0]} rows, expected {target_ids.shape[0]}); "
             "delete it or choose another run directory to start again"
         )
+
+
+def check_planes(group: zarr.Group, planes: Sequence[str], url: str) -> None:
+    """Raise :class:`StoreError` unless the cutout store ``group`` contains exactly ``planes``.
+
+    ``planes`` names the optional planes of a request (see :attr:`CutoutLayout.planes`).
+    """
+    # Stores written before the optional planes existed have no "planes" attribute.
+    planes = list(planes)
+    stored = list(group.attrs.get("planes", []))
+    if stored != planes:
+        raise StoreError(
+            f"{url!r} contains the optional planes {stored}, but this run requests {planes}; "
+            "set survey.invvar and survey.maskbits to match the store, or choose another store URL"
+        )
+
+
+def _image_array(
+    group: zarr.Group,
+    name: str,
+    n_rows: int,
+    plane_shape: tuple[int, ...],
+    shard_rows: int,
+    chunk_rows: int,
+    dtype: str,
+) -> zarr.Array:
+    # Image-like arrays share the images' shards, so the writer of a shard owns whole shards.
+    return group.create_array(
+        name,
+        shape=(n_rows, *plane_shape),
+        chunks=(chunk_rows, *plane_shape),
+        shards=(shard_rows, *plane_shape),
+        dtype=dtype,
+        fill_value=0,
+    )
 
 
 def create_cutout_store(
@@ -154,7 +212,9 @@ def create_cutout_store(
     target_id, ra, dec
         Per-target identifiers (str) and ICRS coordinates in degrees, shape (N,).
     layout
-        Image layout and request provenance, stored in the group's attributes.
+        Image layout and request provenance, stored in the group's attributes. With
+        ``layout.invvar`` or ``layout.maskbits`` the store also gets the ``invvar``
+        (N, C, S, S) float32 or ``maskbits`` (N, S, S) int32 array.
     shard_rows, chunk_rows
         Rows per shard (the unit of writing) and per chunk inside a shard.
     columns
@@ -170,15 +230,23 @@ def create_cutout_store(
     Raises
     ------
     StoreError
-        If a store for other targets or of another kind already exists at ``url``.
+        If a store for other targets, of another kind or with other optional planes already
+        exists at ``url``, or the layout requests optional planes for JPEG images.
     """
     ids = _as_ids(target_id)
     n_rows = ids.shape[0]
     if n_rows == 0:
         raise StoreError("cannot create a cutout store for 0 targets; check the target table")
+    if layout.planes and layout.image_format != "fits":
+        raise StoreError(
+            f"optional planes {layout.planes} need FITS images, but the layout's image_format is "
+            f"{layout.image_format!r}; use image_format 'fits' or drop the planes"
+        )
     chunk_rows = min(chunk_rows, shard_rows)
     if shard_rows % chunk_rows:
-        raise StoreError(f"shard_rows ({shard_rows}) must be a multiple of chunk_rows ({chunk_rows})")
+        raise StoreError(
+            f"shard_rows ({shard_rows}) must be a multiple of chunk_rows ({chunk_rows})"
+        )
 
     try:
         group = storage.open_group(url, mode="r+", storage_options=storage_options)
@@ -186,21 +254,27 @@ def create_cutout_store(
         group = None
     if group is not None and "kind" in group.attrs:
         _check_existing(group, "cutouts", ids, url)
+        check_planes(group, layout.planes, url)
         logger.debug("reusing cutout store %s", url)
         return group
 
     group = storage.open_group(url, mode="w", storage_options=storage_options)
     channels, size = layout.channels, layout.size
-    group.create_array(
-        "images",
-        shape=(n_rows, channels, size, size),
-        chunks=(chunk_rows, channels, size, size),
-        shards=(shard_rows, channels, size, size),
-        dtype=layout.dtype,
-        fill_value=0,
+    _image_array(
+        group, "images", n_rows, (channels, size, size), shard_rows, chunk_rows, layout.dtype
     )
-    _row_array(group, "ra", n_rows, shard_rows, "float64", np.nan)[:] = np.asarray(ra, dtype=np.float64)
-    _row_array(group, "dec", n_rows, shard_rows, "float64", np.nan)[:] = np.asarray(dec, dtype=np.float64)
+    if layout.invvar:
+        _image_array(
+            group, "invvar", n_rows, (channels, size, size), shard_rows, chunk_rows, "float32"
+        )
+    if layout.maskbits:
+        _image_array(group, "maskbits", n_rows, (size, size), shard_rows, chunk_rows, "int32")
+    _row_array(group, "ra", n_rows, shard_rows, "float64", np.nan)[:] = np.asarray(
+        ra, dtype=np.float64
+    )
+    _row_array(group, "dec", n_rows, shard_rows, "float64", np.nan)[:] = np.asarray(
+        dec, dtype=np.float64
+    )
     _row_array(group, "target_id", n_rows, shard_rows, str, "")[:] = ids
     _row_array(group, "status", n_rows, shard_rows, "uint8", int(RowStatus.PENDING))
     _row_array(group, "reason", n_rows, shard_rows, str, "")
@@ -211,7 +285,10 @@ def create_cutout_store(
         if values.shape[0] != n_rows:
             raise StoreError(f"column {name!r} has {values.shape[0]} rows, expected {n_rows}")
         group.create_array(
-            name, shape=values.shape, chunks=(shard_rows, *values.shape[1:]), dtype=values.dtype,
+            name,
+            shape=values.shape,
+            chunks=(shard_rows, *values.shape[1:]),
+            dtype=values.dtype,
             fill_value=np.zeros((), values.dtype).item(),
         )[:] = values
 
@@ -225,6 +302,7 @@ def create_cutout_store(
             "image_format": layout.image_format,
             "layer": layout.layer,
             "service_url": layout.service_url,
+            "planes": layout.planes,
             "n_rows": n_rows,
             "shard_rows": shard_rows,
             "created": dt.datetime.now(dt.UTC).isoformat(),
@@ -277,7 +355,9 @@ def create_embedding_store(
 
     group = storage.open_group(url, mode="w", storage_options=storage_options)
     for name, width in (("representation", representation_dim), ("projection", projection_dim)):
-        group.create_array(name, shape=(n_rows, width), chunks=(shard_rows, width), dtype=dtype, fill_value=0)
+        group.create_array(
+            name, shape=(n_rows, width), chunks=(shard_rows, width), dtype=dtype, fill_value=0
+        )
     _row_array(group, "target_id", n_rows, shard_rows, str, "")[:] = ids
     _row_array(group, "valid", n_rows, shard_rows, "bool", False)
     _flags_array(group, shard_count(n_rows, shard_rows))

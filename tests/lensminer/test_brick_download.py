@@ -10,12 +10,14 @@ import httpx
 import numpy as np
 import pytest
 from astropy.io import fits
+from astropy.nddata import Cutout2D
 from astropy.table import Table, vstack
+from astropy.wcs import WCS
 
 from lensminer.brick_download import download_from_bricks, shard_bricks
-from lensminer.bricks import brick_for, brick_wcs, default_grid
+from lensminer.bricks import brick_for, brick_wcs, coadd_path, default_grid
 from lensminer.config import BrickConfig, DownloadConfig, SurveyConfig
-from lensminer.exceptions import ConfigError
+from lensminer.exceptions import ConfigError, StoreError
 from lensminer.infra.sources import SimulatedBrickSource, SimulatedSkySource
 from lensminer.infra.survey_server import brick_root, create_app, serve_in_thread
 from lensminer.sky import SimulatedSky
@@ -126,16 +128,23 @@ def test_http_equals_local(local_store: str, server: str, tmp_path: Path) -> Non
     )
 
 
-def test_edge_filled_from_neighbour(mirror: SimulatedBrickSource, tmp_path: Path) -> None:
-    url = str(tmp_path / "edge.zarr")
-    survey = SurveyConfig(size=256)
-    summary = download_from_bricks(
+@pytest.fixture(scope="module")
+def edge_store(mirror: SimulatedBrickSource, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Store of a 256 px cutout of the edge target, with invvar and maskbits."""
+    url = str(tmp_path_factory.mktemp("stores") / "edge.zarr")
+    survey = SurveyConfig(size=256, invvar=True, maskbits=True)
+    download_from_bricks(
         edge_target(), url, survey, DOWNLOAD, BrickConfig(root=str(mirror.cache_dir))
     )
-    image = open_store(url, "cutouts")["images"][0]
+    return url
+
+
+def test_edge_filled_from_neighbour(edge_store: str) -> None:
+    group = open_store(edge_store, "cutouts")
+    image = group["images"][0]
     model = SKY.render(EDGE[0], EDGE[1], 256, 0.262, noise=False)
     x, _ = brick_wcs(BRICK).world_to_pixel_values(*EDGE)
-    assert summary.counts["OK"] == 1
+    assert group["status"][0] == RowStatus.OK
     assert x + 128 > 3600  # the cutout crosses the image edge
     assert np.count_nonzero(image == 0) == 0
     assert np.abs(image - model).max() < 7 * brick_sigma().max()
@@ -206,4 +215,147 @@ def test_jpeg_rejected(tmp_path: Path) -> None:
             SurveyConfig(image_format="jpeg"),
             DOWNLOAD,
             BrickConfig(root=str(tmp_path)),
+        )
+
+
+# Optional planes ----------------------------------------------------------------------------
+
+PLANES = SurveyConfig(size=SIZE, invvar=True, maskbits=True)
+
+
+@pytest.fixture(scope="module")
+def planes_store(server: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Brick-mode store with invvar and maskbits, cut over HTTP from the simulated brick server."""
+    url = str(tmp_path_factory.mktemp("stores") / "planes.zarr")
+    download_from_bricks(
+        brick_targets(), url, PLANES, DOWNLOAD, BrickConfig(root=brick_root(server))
+    )
+    return url
+
+
+def read_file(path: str) -> tuple[np.ndarray, WCS]:
+    """Decode a coadd file with astropy alone, as a reference."""
+    with fits.open(path) as hdus:
+        hdu = next(hdu for hdu in hdus if hdu.is_image and hdu.data is not None)
+        return np.asarray(hdu.data), WCS(hdu.header, naxis=2)
+
+
+def cut_file(data: np.ndarray, wcs: WCS, ra: float, dec: float, size: int) -> np.ndarray:
+    x, y = wcs.world_to_pixel_values(ra, dec)
+    return Cutout2D(data, (float(x), float(y)), size, wcs=wcs, mode="partial").data
+
+
+def test_planes_layout(planes_store: str) -> None:
+    group = open_store(planes_store, "cutouts")
+    assert np.all(group["status"][:] == RowStatus.OK)
+    assert group.attrs["planes"] == ["invvar", "maskbits"]
+    assert group["invvar"].shape == (10, 3, SIZE, SIZE)
+    assert group["maskbits"].shape == (10, SIZE, SIZE)
+    assert group["maskbits"].dtype == np.int32
+
+
+def test_planes_images_unchanged(planes_store: str, local_store: str) -> None:
+    np.testing.assert_array_equal(
+        open_store(planes_store, "cutouts")["images"][:],
+        open_store(local_store, "cutouts")["images"][:],
+    )
+
+
+def test_planes_match_coadd_files(planes_store: str, mirror: SimulatedBrickSource) -> None:
+    group = open_store(planes_store, "cutouts")
+    root = str(mirror.cache_dir)
+    invvar_files = [read_file(coadd_path(root, BRICK, band, "invvar")) for band in "grz"]
+    maskbits_file = read_file(coadd_path(root, BRICK, kind="maskbits"))
+    for row in range(group.attrs["n_rows"]):
+        ra, dec = float(group["ra"][row]), float(group["dec"][row])
+        for band_index, (data, wcs) in enumerate(invvar_files):
+            expected = cut_file(data, wcs, ra, dec, SIZE)
+            np.testing.assert_array_equal(group["invvar"][row, band_index], expected)
+        expected_mask = cut_file(*maskbits_file, ra, dec, SIZE)
+        np.testing.assert_array_equal(group["maskbits"][row], expected_mask)
+
+
+def test_planes_invvar_analytic(planes_store: str) -> None:
+    invvar = open_store(planes_store, "cutouts")["invvar"][:]
+    expected = 1.0 / brick_sigma() ** 2
+    for band in range(3):
+        np.testing.assert_allclose(invvar[:, band], expected[band], rtol=1e-5)
+
+
+def test_edge_planes_from_neighbour(edge_store: str) -> None:
+    group = open_store(edge_store, "cutouts")
+    invvar, maskbits = group["invvar"][0], group["maskbits"][0]
+    neighbour = brick_for(EDGE[0] - 0.01, EDGE[1])
+    owner_value = 1.0 / brick_sigma() ** 2
+    neighbour_value = 1.0 / np.array(SKY.truth(neighbour.ra, neighbour.dec).noise_sigma) ** 2
+
+    assert maskbits.shape == (256, 256)
+    assert not maskbits.any()
+    for band in range(3):
+        from_owner = np.isclose(invvar[band], owner_value[band], rtol=1e-5)
+        from_neighbour = np.isclose(invvar[band], neighbour_value[band], rtol=1e-5)
+        assert np.all(from_owner | from_neighbour)
+        assert from_neighbour.any()
+
+
+def test_missing_maskbits_file_fails_rows(mirror: SimulatedBrickSource, tmp_path: Path) -> None:
+    # A mirror of BRICK's image and invvar files, without its maskbits file.
+    source = Path(coadd_path(str(mirror.cache_dir), BRICK, "g")).parent
+    partial = Path(coadd_path(str(tmp_path / "partial"), BRICK, "g")).parent
+    partial.mkdir(parents=True)
+    for path in source.glob("*-image-*.fits.fz"):
+        (partial / path.name).symlink_to(path)
+    for path in source.glob("*-invvar-*.fits.fz"):
+        (partial / path.name).symlink_to(path)
+
+    url = str(tmp_path / "partial.zarr")
+    summary = download_from_bricks(
+        brick_targets(),
+        url,
+        PLANES,
+        DOWNLOAD,
+        BrickConfig(root=str(tmp_path / "partial"), workers=1),
+    )
+    group = open_store(url, "cutouts")
+
+    assert summary.counts["FAILED"] == 10
+    assert (
+        f"has images but no {coadd_path(str(tmp_path / 'partial'), BRICK, kind='maskbits')}"
+        in str(group["reason"][0])
+    )
+    assert summary.requests == 6  # 3 images and 3 invvar files, read once for all rows
+    assert group["shard_done"][:].all()
+    assert not group["images"][:].any()
+
+
+def test_missing_invvar_file_fails_rows(mirror: SimulatedBrickSource, tmp_path: Path) -> None:
+    source = Path(coadd_path(str(mirror.cache_dir), BRICK, "g")).parent
+    partial = Path(coadd_path(str(tmp_path / "partial"), BRICK, "g")).parent
+    partial.mkdir(parents=True)
+    for path in source.glob("*-image-*.fits.fz"):
+        (partial / path.name).symlink_to(path)
+
+    url = str(tmp_path / "partial.zarr")
+    summary = download_from_bricks(
+        brick_targets()[:1],
+        url,
+        SurveyConfig(size=SIZE, invvar=True),
+        DOWNLOAD,
+        BrickConfig(root=str(tmp_path / "partial")),
+    )
+
+    assert summary.counts["FAILED"] == 1
+    assert "has a g-band image but no" in str(open_store(url, "cutouts")["reason"][0])
+
+
+def test_other_planes_rejected(local_store: str, mirror: SimulatedBrickSource) -> None:
+    with pytest.raises(
+        StoreError, match=r"optional planes \[\], but this run requests \['invvar'\]"
+    ):
+        download_from_bricks(
+            brick_targets(),
+            local_store,
+            SurveyConfig(size=SIZE, invvar=True),
+            DOWNLOAD,
+            BrickConfig(root=str(mirror.cache_dir)),
         )

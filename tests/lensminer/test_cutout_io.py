@@ -170,6 +170,82 @@ def test_fits_invvar_and_maskbits() -> None:
     assert parsed.maskbits is not None and parsed.maskbits.dtype == np.int32
 
 
+def plane_hdus(
+    invvar_shape: tuple[int, ...] = (3, 8, 8),
+    maskbits_shape: tuple[int, ...] = (8, 8),
+    maskbits_dtype: str = ">i2",
+) -> tuple[fits.ImageHDU, fits.ImageHDU]:
+    """Return INVVAR and MASKBITS extensions with seeded values, as the service appends them."""
+    rng = np.random.default_rng(5)
+    invvar = fits.ImageHDU(rng.uniform(100.0, 900.0, invvar_shape).astype(">f4"))
+    invvar.header["IMAGETYP"] = "INVVAR"
+    maskbits = fits.ImageHDU(rng.integers(0, 1 << 14, maskbits_shape).astype(maskbits_dtype))
+    maskbits.header["IMAGETYP"] = "MASKBITS"
+    return invvar, maskbits
+
+
+def test_fits_requested_planes_values() -> None:
+    invvar, maskbits = plane_hdus()
+
+    parsed = parse_fits_cutout(
+        fits_bytes(noise_cube(), extra=[invvar, maskbits]),
+        bands="grz",
+        size=8,
+        pixscale=0.262,
+        invvar=True,
+        maskbits=True,
+    )
+
+    assert parsed.invvar is not None
+    assert parsed.invvar.dtype == np.dtype(np.float32)
+    assert parsed.invvar.dtype.isnative
+    np.testing.assert_array_equal(parsed.invvar, invvar.data.astype(np.float32))
+    assert parsed.maskbits is not None
+    assert parsed.maskbits.dtype == np.dtype(np.int32)
+    np.testing.assert_array_equal(parsed.maskbits, maskbits.data.astype(np.int32))
+
+
+@pytest.mark.parametrize(
+    ("keep", "request_flags", "message"),
+    [
+        ("maskbits", {"invvar": True}, "no INVVAR HDU, but the request set invvar=1"),
+        ("invvar", {"maskbits": True}, "no MASKBITS HDU, but the request set maskbits=1"),
+        ("none", {"invvar": True, "maskbits": True}, "no INVVAR HDU"),
+    ],
+)
+def test_fits_requested_plane_missing(keep: str, request_flags: dict, message: str) -> None:
+    invvar, maskbits = plane_hdus()
+    extra = {"invvar": [invvar], "maskbits": [maskbits], "none": []}[keep]
+    with pytest.raises(CutoutParseError, match=message):
+        parse_fits_cutout(
+            fits_bytes(noise_cube(), extra=extra),
+            bands="grz",
+            size=8,
+            pixscale=0.262,
+            **request_flags,
+        )
+
+
+@pytest.mark.parametrize(
+    ("planes", "message"),
+    [
+        (plane_hdus(invvar_shape=(2, 8, 8)), r"INVVAR plane has shape \(2, 8, 8\), expected"),
+        (plane_hdus(maskbits_shape=(8, 7)), r"MASKBITS plane has shape \(8, 7\), expected"),
+        (plane_hdus(maskbits_dtype=">f4"), "MASKBITS plane has dtype float32"),
+    ],
+)
+def test_fits_plane_mismatch_rejected(planes: tuple, message: str) -> None:
+    with pytest.raises(CutoutParseError, match=message):
+        parse_fits_cutout(
+            fits_bytes(noise_cube(), extra=list(planes)),
+            bands="grz",
+            size=8,
+            pixscale=0.262,
+            invvar=True,
+            maskbits=True,
+        )
+
+
 def test_fits_truncated_extension() -> None:
     # 2500 bytes less leaves 612 of the 768 INVVAR data bytes (its padding is gone too).
     invvar = fits.ImageHDU(np.full((3, 8, 8), 4.0, ">f4"))

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import uvicorn
@@ -27,8 +28,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from lensminer.config import DownloadConfig, SurveyConfig
-from lensminer.download import download_cutouts
-from lensminer.exceptions import StoreError, TargetError
+from lensminer.download import cutout_request, download_cutouts
+from lensminer.exceptions import ConfigError, StoreError, TargetError
 from lensminer.stores import RowStatus, open_store, pending_shards
 
 SIZE = 16
@@ -42,9 +43,19 @@ PIXSCALE = 0.262
 
 
 def render_fits(
-    ra: float, dec: float, size: int = SIZE, bands: str = BANDS, pixscale: float = PIXSCALE
+    ra: float,
+    dec: float,
+    size: int = SIZE,
+    bands: str = BANDS,
+    pixscale: float = PIXSCALE,
+    *,
+    invvar: bool = False,
+    maskbits: bool = False,
 ) -> bytes:
-    """Return FITS bytes laid out like a Legacy Survey cutout, with pixels seeded by position."""
+    """Return FITS bytes laid out like a Legacy Survey cutout, with pixels seeded by position.
+
+    ``invvar`` and ``maskbits`` append the service's INVVAR and MASKBITS extensions.
+    """
     seed = int(round(ra * 1e5)) * 1_000_003 + int(round((dec + 90) * 1e5))
     rng = np.random.default_rng(seed)
     cube = rng.normal(0.0, 0.01, size=(len(bands), size, size)).astype(">f4")
@@ -57,8 +68,17 @@ def render_fits(
     header["CRPIX1"] = header["CRPIX2"] = (size + 1) / 2
     header["CD1_1"], header["CD2_2"] = -pixscale / 3600, pixscale / 3600
     header["CD1_2"] = header["CD2_1"] = 0.0
+    hdus: list[fits.PrimaryHDU | fits.ImageHDU] = [fits.PrimaryHDU(cube, header=header)]
+    if invvar:
+        plane = fits.ImageHDU(rng.uniform(1e3, 1e4, cube.shape).astype(">f4"))
+        plane.header["IMAGETYP"] = "INVVAR"
+        hdus.append(plane)
+    if maskbits:
+        plane = fits.ImageHDU(rng.integers(0, 1 << 14, (size, size)).astype(">i2"))
+        plane.header["IMAGETYP"] = "MASKBITS"
+        hdus.append(plane)
     buffer = io.BytesIO()
-    fits.PrimaryHDU(cube, header=header).writeto(buffer)
+    fits.HDUList(hdus).writeto(buffer)
     return buffer.getvalue()
 
 
@@ -70,6 +90,7 @@ class StubService:
     requests: collections.Counter = field(default_factory=collections.Counter)
     faults: dict[str, list[str]] = field(default_factory=dict)
     empty: set[str] = field(default_factory=set)
+    without_planes: set[str] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     async def cutout(self, request: Request) -> Response:
@@ -83,7 +104,12 @@ class StubService:
 
         ra, dec = float(ra_text), float(request.query_params["dec"])
         size = int(request.query_params["size"])
-        body = render_fits(ra, dec, size=size, bands=request.query_params["bands"])
+        # A position in without_planes gets a response without the INVVAR and MASKBITS HDUs.
+        planes = {
+            name: request.query_params.get(name) == "1" and ra_text not in self.without_planes
+            for name in ("invvar", "maskbits")
+        }
+        body = render_fits(ra, dec, size=size, bands=request.query_params["bands"], **planes)
         if ra_text in self.empty:
             body = body[:2880] + bytes(len(body) - 2880)  # header kept, every pixel 0
         if fault == "500":
@@ -321,6 +347,87 @@ def test_download_other_targets_rejected(service: tuple[StubService, str], tmp_p
         download_cutouts(make_targets(5), str(tmp_path / "c.zarr"), survey, download)
 
 
+def test_request_planes_parameters() -> None:
+    survey = SurveyConfig(invvar=True, maskbits=True)
+    endpoint, params = cutout_request(survey, 1.0, 2.0)
+    _, plain = cutout_request(SurveyConfig(), 1.0, 2.0)
+
+    assert endpoint == "fits-cutout"
+    assert params["invvar"] == 1
+    assert params["maskbits"] == 1
+    assert "invvar" not in plain
+    assert "maskbits" not in plain
+
+
+@pytest.mark.parametrize("plane", ["invvar", "maskbits"])
+def test_download_planes_with_jpeg(plane: str, tmp_path: Path) -> None:
+    survey = SurveyConfig(
+        base_url="http://127.0.0.1:9/viewer/", image_format="jpeg", **{plane: True}
+    )
+    _, download = configs(survey.base_url)
+
+    with pytest.raises(ConfigError, match="set survey.image_format to 'fits'"):
+        cutout_request(survey, 1.0, 2.0)
+    with pytest.raises(ConfigError, match=f"optional planes of survey.{plane} need FITS cutouts"):
+        download_cutouts(make_targets(2), str(tmp_path / "c.zarr"), survey, download)
+    assert not (tmp_path / "c.zarr").exists()
+
+
+def test_download_planes_match_service(service: tuple[StubService, str], tmp_path: Path) -> None:
+    state, base_url = service
+    targets = make_targets(6)
+    survey, download = configs(base_url, max_retries=1)
+    survey = survey.model_copy(update={"invvar": True, "maskbits": True})
+    ra_text = [repr(float(ra)) for ra in targets["ra"]]
+    state.without_planes.add(ra_text[1])
+    url = str(tmp_path / "c.zarr")
+
+    first = download_cutouts(targets, url, survey, download)
+    group = open_store(url, "cutouts")
+    kept_invvar, kept_maskbits = group["invvar"][0], group["maskbits"][0]
+
+    # The row without planes failed, and every other row contains what the service sent.
+    assert first.counts["FAILED"] == 1
+    assert group["status"][1] == RowStatus.FAILED
+    assert "no INVVAR HDU" in str(group["reason"][1])
+    assert not group["invvar"][1].any()
+    assert not group["maskbits"][1].any()
+    assert state.requests[ra_text[1]] == 2
+    for row in (0, 2, 3, 4, 5):
+        with fits.open(
+            io.BytesIO(
+                render_fits(targets["ra"][row], targets["dec"][row], invvar=True, maskbits=True)
+            )
+        ) as hdus:
+            np.testing.assert_array_equal(group["images"][row], hdus[0].data.astype(np.float32))
+            np.testing.assert_array_equal(group["invvar"][row], hdus[1].data.astype(np.float32))
+            np.testing.assert_array_equal(group["maskbits"][row], hdus[2].data.astype(np.int32))
+
+    # A rerun refetches the failed row only and keeps the planes of the others.
+    state.without_planes.clear()
+    state.requests.clear()
+    second = download_cutouts(targets, url, survey, download)
+    group = open_store(url, "cutouts")
+
+    assert second.counts["OK"] == 6
+    assert dict(state.requests) == {ra_text[1]: 1}
+    assert group["invvar"][1].any()
+    np.testing.assert_array_equal(group["invvar"][0], kept_invvar)
+    np.testing.assert_array_equal(group["maskbits"][0], kept_maskbits)
+
+
+def test_download_other_planes_rejected(service: tuple[StubService, str], tmp_path: Path) -> None:
+    _, base_url = service
+    survey, download = configs(base_url)
+    url = str(tmp_path / "c.zarr")
+    download_cutouts(make_targets(4), url, survey.model_copy(update={"invvar": True}), download)
+
+    with pytest.raises(
+        StoreError, match=r"optional planes \['invvar'\], but this run requests \[\]"
+    ):
+        download_cutouts(make_targets(4), url, survey, download)
+
+
 def test_download_missing_columns(tmp_path: Path) -> None:
     survey, download = configs("http://127.0.0.1:9/viewer/")
     with pytest.raises(TargetError, match="target_id"):
@@ -530,3 +637,40 @@ def test_download_inside_running_loop(service: tuple[StubService, str], tmp_path
         ]
 
     assert asyncio.run(caller()) == 4
+
+
+def test_download_survey_server_planes(sky_targets: Table, tmp_path: Path) -> None:
+    from lensminer.infra.survey_server import serve_in_thread
+
+    targets = sky_targets[:6]
+    with serve_in_thread(survey_app()) as url:
+        _, download = configs(url)
+        survey = SurveyConfig(base_url=url, size=32, invvar=True, maskbits=True)
+        summary = download_cutouts(targets, str(tmp_path / "p.zarr"), survey, download)
+
+        # The same requests, sent directly and read with astropy.
+        direct = []
+        for row in targets:
+            endpoint, params = cutout_request(survey, row["ra"], row["dec"])
+            response = httpx.get(url + endpoint, params=params, timeout=30)
+            with fits.open(io.BytesIO(response.content)) as hdus:
+                direct.append(
+                    {
+                        "images": hdus[0].data.astype(np.float32),
+                        "invvar": hdus[1].data.astype(np.float32),
+                        "maskbits": hdus["MASKBITS"].data.astype(np.int32),
+                        "imagetyp": hdus[1].header["IMAGETYP"],
+                    }
+                )
+    group = open_store(str(tmp_path / "p.zarr"), "cutouts")
+
+    assert summary.counts["OK"] == 6
+    assert group.attrs["planes"] == ["invvar", "maskbits"]
+    assert group["invvar"].shape == (6, 3, 32, 32)
+    assert group["maskbits"].shape == (6, 32, 32)
+    for row, expected in enumerate(direct):
+        assert expected["imagetyp"] == "INVVAR"
+        np.testing.assert_array_equal(group["images"][row], expected["images"])
+        np.testing.assert_array_equal(group["invvar"][row], expected["invvar"])
+        np.testing.assert_array_equal(group["maskbits"][row], expected["maskbits"])
+    assert (group["invvar"][:] > 0).all()

@@ -14,8 +14,14 @@ LAYOUT = stores.CutoutLayout("grz", 8, 0.262, "fits", "ls-dr9", "http://127.0.0.
 def _create(url, ids=("a", "b", "c"), **kwargs):
     n = len(ids)
     return stores.create_cutout_store(
-        url, target_id=list(ids), ra=np.arange(n, dtype=float), dec=np.zeros(n), layout=LAYOUT,
-        shard_rows=2, chunk_rows=1, **kwargs,
+        url,
+        target_id=list(ids),
+        ra=np.arange(n, dtype=float),
+        dec=np.zeros(n),
+        layout=LAYOUT,
+        shard_rows=2,
+        chunk_rows=1,
+        **kwargs,
     )
 
 
@@ -73,3 +79,68 @@ def test_cutout_store_on_s3(s3_endpoint):
     reopened = stores.open_store(url, "cutouts", storage_options=s3_endpoint)
     np.testing.assert_array_equal(reopened["images"][0], np.ones((3, 8, 8), np.float32))
     assert stores.pending_shards(reopened) == [1]
+
+
+PLANES_LAYOUT = stores.CutoutLayout(
+    "grz", 8, 0.262, "fits", "ls-dr9", "http://127.0.0.1/viewer/", invvar=True, maskbits=True
+)
+
+
+def test_cutout_store_planes_layout(tmp_path):
+    group = stores.create_cutout_store(
+        str(tmp_path / "planes.zarr"),
+        target_id=["a", "b", "c", "d", "e"],
+        ra=np.arange(5, dtype=float),
+        dec=np.zeros(5),
+        layout=PLANES_LAYOUT,
+        shard_rows=4,
+        chunk_rows=2,
+    )
+
+    assert group["invvar"].shape == (5, 3, 8, 8)
+    assert group["invvar"].dtype == np.float32
+    assert group["maskbits"].shape == (5, 8, 8)
+    assert group["maskbits"].dtype == np.int32
+    assert group["invvar"].shards == group["images"].shards
+    assert group["invvar"].chunks == group["images"].chunks
+    assert group["maskbits"].shards == (4, 8, 8)
+    assert group["maskbits"].chunks == (2, 8, 8)
+    assert group.attrs["planes"] == ["invvar", "maskbits"]
+
+
+def test_cutout_store_without_planes(tmp_path):
+    group = _create(str(tmp_path / "c.zarr"))
+    assert "invvar" not in group
+    assert "maskbits" not in group
+    assert group.attrs["planes"] == []
+
+
+def test_reopen_with_other_planes_raises(tmp_path):
+    url = str(tmp_path / "c.zarr")
+    _create(url)
+    with pytest.raises(StoreError, match=r"contains the optional planes \[\], but this run"):
+        stores.create_cutout_store(
+            url,
+            target_id=["a", "b", "c"],
+            ra=np.arange(3, dtype=float),
+            dec=np.zeros(3),
+            layout=PLANES_LAYOUT,
+            shard_rows=2,
+            chunk_rows=1,
+        )
+
+
+def test_planes_with_jpeg_raise(tmp_path):
+    layout = stores.CutoutLayout(
+        "grz", 8, 0.262, "jpeg", "ls-dr9", "http://127.0.0.1/viewer/", maskbits=True
+    )
+    with pytest.raises(StoreError, match="need FITS images"):
+        stores.create_cutout_store(
+            str(tmp_path / "j.zarr"),
+            target_id=["a"],
+            ra=np.zeros(1),
+            dec=np.zeros(1),
+            layout=layout,
+            shard_rows=2,
+            chunk_rows=1,
+        )
