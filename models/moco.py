@@ -27,10 +27,12 @@ from lensminer.models.encoder import Encoder, build_encoder
 
 __all__ = [
     "MoCoV2",
+    "embed_evaluation_views",
     "info_nce_loss",
     "knn_accuracy",
     "labelled_knn_accuracy",
     "momentum_update",
+    "split_halves",
     "warmup_cosine",
 ]
 
@@ -113,6 +115,60 @@ def knn_accuracy(
 
 
 @torch.no_grad()
+def embed_evaluation_views(
+    encoder: Encoder,
+    images: Tensor,
+    *,
+    image_format: str,
+    bands: str,
+    augment: AugmentConfig,
+    batch_size: int = 256,
+) -> tuple[Tensor, Tensor]:
+    """Embed the evaluation views (centre crop and RGB stretch) of raw cutouts in eval mode.
+
+    Parameters
+    ----------
+    images
+        (N, C, S, S) raw cutouts as stored: float32 nanomaggies (FITS) or uint8 RGB (JPEG).
+
+    Returns
+    -------
+    representation, projection
+        (N, D) and (N, P) float32 on the encoder's device; the projection is L2-normalised.
+    """
+    device = next(encoder.parameters()).device
+    was_training = encoder.training
+    encoder.eval()
+    representations, projections = [], []
+    for start in range(0, images.shape[0], batch_size):
+        views = evaluation_view(
+            images[start : start + batch_size].to(device),
+            image_format=image_format,
+            bands=bands,
+            crop_size=augment.crop_size,
+            config=augment,
+        )
+        representation, projection = encoder(views.contiguous(memory_format=torch.channels_last))
+        representations.append(representation.float())
+        projections.append(projection.float())
+    encoder.train(was_training)
+    return torch.cat(representations), torch.cat(projections)
+
+
+def split_halves(count: int, seed: int) -> tuple[Tensor, Tensor]:
+    """Split ``range(count)`` at random (seeded) into a reference half and a test half.
+
+    Returns
+    -------
+    reference, test
+        int64 indices; the test half has ``count // 2`` rows.
+    """
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    reference, test = order.tensor_split(2)
+    return reference, test
+
+
+@torch.no_grad()
 def labelled_knn_accuracy(
     encoder: Encoder,
     subset: LabelledSubset,
@@ -126,9 +182,9 @@ def labelled_knn_accuracy(
 ) -> float:
     """Measure how well an encoder's representations separate the labelled rows.
 
-    The rows are split at random (seeded) into two halves; each row of the second half is
-    classified by :func:`knn_accuracy` against the first. Views are the evaluation views
-    (centre crop and RGB stretch), embedded in eval mode on the encoder's device.
+    The rows are split by :func:`split_halves`; each row of the test half is classified by
+    :func:`knn_accuracy` against the reference half. Views are the evaluation views (centre
+    crop and RGB stretch), embedded in eval mode on the encoder's device.
 
     Returns
     -------
@@ -138,26 +194,16 @@ def labelled_knn_accuracy(
     if subset.labels.numel() < 4:
         return float("nan")
 
-    device = next(encoder.parameters()).device
-    was_training = encoder.training
-    encoder.eval()
-    features = []
-    for start in range(0, subset.images.shape[0], batch_size):
-        images = subset.images[start : start + batch_size].to(device)
-        views = evaluation_view(
-            images,
-            image_format=image_format,
-            bands=bands,
-            crop_size=augment.crop_size,
-            config=augment,
-        )
-        features.append(encoder(views.contiguous(memory_format=torch.channels_last))[0].float())
-    encoder.train(was_training)
-
-    representation = torch.cat(features)
-    labels = subset.labels.to(device)
-    order = torch.randperm(labels.numel(), generator=torch.Generator().manual_seed(seed)).to(device)
-    reference, test = order.tensor_split(2)
+    representation, _ = embed_evaluation_views(
+        encoder,
+        subset.images,
+        image_format=image_format,
+        bands=bands,
+        augment=augment,
+        batch_size=batch_size,
+    )
+    labels = subset.labels.to(representation.device)
+    reference, test = (part.to(labels.device) for part in split_halves(labels.numel(), seed))
     return knn_accuracy(
         representation[reference], labels[reference], representation[test], labels[test], k
     )

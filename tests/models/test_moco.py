@@ -11,12 +11,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lensminer.augment import evaluation_view
 from lensminer.config import AugmentConfig, PretrainConfig
+from lensminer.datasets import LabelledSubset
+from lensminer.models.encoder import build_encoder
 from lensminer.models.moco import (
     MoCoV2,
+    embed_evaluation_views,
     info_nce_loss,
     knn_accuracy,
+    labelled_knn_accuracy,
     momentum_update,
+    split_halves,
     warmup_cosine,
 )
 
@@ -177,3 +183,48 @@ def test_knn_matches_reference() -> None:
         7,
     )
     assert abs(found - correct / 15) < 1e-6
+
+
+def test_split_halves_partition() -> None:
+    reference, test = split_halves(11, seed=2)
+    assert test.numel() == 5
+    assert sorted(torch.cat([reference, test]).tolist()) == list(range(11))
+    torch.testing.assert_close(split_halves(11, seed=2)[1], test)
+    assert not torch.equal(split_halves(11, seed=3)[1], test)
+
+
+def test_embed_views_matches_batch() -> None:
+    torch.manual_seed(0)
+    encoder = build_encoder(CONFIG, input_size=AUGMENT.crop_size)
+    images = torch.randint(0, 256, (5, 3, 40, 40), dtype=torch.uint8)
+    representation, projection = embed_evaluation_views(
+        encoder, images, image_format="jpeg", bands="grz", augment=AUGMENT, batch_size=2
+    )
+
+    encoder.eval()
+    with torch.no_grad():
+        views = evaluation_view(images, image_format="jpeg", bands="grz", crop_size=32)
+        expected = encoder(views)
+    torch.testing.assert_close(representation, expected[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(projection, expected[1], atol=1e-5, rtol=1e-5)
+    assert encoder.training is False
+
+
+def test_labelled_knn_uses_split_halves() -> None:
+    torch.manual_seed(1)
+    encoder = build_encoder(CONFIG, input_size=AUGMENT.crop_size)
+    images = torch.randint(0, 256, (12, 3, 40, 40), dtype=torch.uint8)
+    labels = torch.arange(12) % 2
+    subset = LabelledSubset(images=images, labels=labels, row_index=torch.arange(12))
+    found = labelled_knn_accuracy(
+        encoder, subset, image_format="jpeg", bands="grz", augment=AUGMENT, k=3, seed=4
+    )
+
+    representation, _ = embed_evaluation_views(
+        encoder, images, image_format="jpeg", bands="grz", augment=AUGMENT
+    )
+    reference, test = split_halves(12, seed=4)
+    expected = knn_accuracy(
+        representation[reference], labels[reference], representation[test], labels[test], 3
+    )
+    assert found == expected
