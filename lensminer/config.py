@@ -39,14 +39,16 @@ class _Section(BaseModel):
 
 
 class SurveyConfig(_Section):
-    """Where cutouts come from and what each cutout looks like."""
+    """Cutout service, survey layer and the shape of each cutout."""
 
     base_url: str = Field(PUBLIC_CUTOUT_URL, description="Cutout service base URL.")
     layer: str = Field("ls-dr9", description="Survey layer, e.g. ls-dr9 or ls-dr10.")
     bands: str = Field("grz", description="Bands in order, one character each.")
     size: int = Field(152, ge=8, le=3000, description="Cutout side in pixels.")
     pixscale: float = Field(0.262, gt=0, description="Pixel scale in arcsec per pixel.")
-    image_format: Literal["fits", "jpeg"] = Field("fits", description="fits: float32 nanomaggies; jpeg: uint8 RGB.")
+    image_format: Literal["fits", "jpeg"] = Field(
+        "fits", description="fits: float32 nanomaggies; jpeg: uint8 RGB."
+    )
     invvar: bool = Field(
         False,
         description="Also store inverse-variance planes, nanomaggies^-2 per band (FITS only).",
@@ -57,19 +59,25 @@ class SurveyConfig(_Section):
 
 
 class DownloadConfig(_Section):
-    """How the cutout client talks to the service and writes the cutout store."""
+    """Request, retry and shard settings of the download stage."""
 
     source: Literal["service", "bricks"] = Field(
-        "service", description="service: one request per target to the cutout service; bricks: cut from brick coadds."
+        "service",
+        description="service: one request per target to the cutout service; "
+        "bricks: cut from the brick coadds.",
     )
 
     concurrency: int = Field(8, ge=1, le=256, description="Requests in flight at once.")
     rate_limit: float = Field(10.0, gt=0, description="Maximum requests per second.")
     timeout: float = Field(60.0, gt=0, description="Per-request timeout in seconds.")
     max_retries: int = Field(5, ge=0, description="Retries of a transient failure.")
-    backoff: float = Field(1.0, ge=0, description="First retry delay in seconds; doubles each retry.")
+    backoff: float = Field(
+        1.0, ge=0, description="First retry delay in seconds; doubles each retry."
+    )
     max_backoff: float = Field(60.0, ge=0, description="Largest retry delay in seconds.")
-    shard_rows: int = Field(256, ge=1, description="Rows per Zarr shard, the unit of work and writing.")
+    shard_rows: int = Field(
+        256, ge=1, description="Rows per Zarr shard, the unit of work and writing."
+    )
     chunk_rows: int = Field(16, ge=1, description="Rows per Zarr chunk inside a shard.")
 
 
@@ -81,22 +89,37 @@ class AugmentConfig(_Section):
     flip_probability: float = Field(0.5, ge=0, le=1)
     rotate: bool = True
     scale_range: tuple[float, float] = (0.9, 1.1)
-    psf_sigma_target_ranges: tuple[tuple[float, float], ...] = ((1.323, 5.0), (1.267, 4.5), (1.213, 4.25))
-    default_psf_fwhm: tuple[float, ...] = Field((1.3, 1.2, 1.1), description="PSF FWHM in arcsec per band when the catalog has none.")
+    psf_sigma_target_ranges: tuple[tuple[float, float], ...] = (
+        (1.323, 5.0),
+        (1.267, 4.5),
+        (1.213, 4.25),
+    )
+    default_psf_fwhm: tuple[float, ...] = Field(
+        (1.3, 1.2, 1.1), description="PSF FWHM in arcsec per band when the catalog has none."
+    )
     crop_size: int = Field(96, ge=8, description="Side of the jitter crop in pixels.")
     jitter: int = Field(7, ge=0, description="Largest shift of the crop centre in pixels.")
-    noise_sigma_ranges: tuple[tuple[float, float], ...] = ((0.001094, 0.013), (0.001094, 0.018), (0.001094, 0.061))
+    noise_sigma_ranges: tuple[tuple[float, float], ...] = (
+        (0.001094, 0.013),
+        (0.001094, 0.018),
+        (0.001094, 0.061),
+    )
     rgb_scales: tuple[float, ...] = Field((6.0, 3.4, 2.2), description="Viewer scales for g, r, z.")
     rgb_offset: float = 0.03
     rgb_q: float = 20.0
-    default_ebv: float = Field(0.0, ge=0, description="E(B-V) in magnitudes assumed when the catalog has none.")
+    default_ebv: float = Field(
+        0.0, ge=0, description="E(B-V) in magnitudes assumed when the catalog has none."
+    )
     padding_mode: Literal["reflection", "zeros", "border"] = Field(
         "reflection", description="How rotation and scaling fill pixels from outside the cutout."
     )
-    noise_border: int = Field(8, ge=1, description="Width in pixels of the border used to estimate image noise.")
+    noise_border: int = Field(
+        8, ge=1, description="Width in pixels of the border used to estimate image noise."
+    )
     # NOTE: a LensMiner choice, not from Stein et al. (2022), which trained on FITS cutouts only.
     jpeg_noise_sigma_range: tuple[float, float] = Field(
-        (0.0, 0.02), description="Target noise sigma of JPEG views, in units of the [0, 1] pixel range."
+        (0.0, 0.02),
+        description="Target noise sigma of JPEG views, in units of the [0, 1] pixel range.",
     )
 
 
@@ -106,7 +129,8 @@ class PretrainConfig(_Section):
     backbone: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"
     small_stem: bool = Field(
         False,
-        description="Stride-1 conv1 and no max-pool for 96 px inputs: about 16 times the compute of the standard stem.",
+        description="Stride-1 conv1 and no max-pool for 96 px inputs; "
+        "about 16 times the compute of the standard stem.",
     )
     projection_dim: int = Field(128, ge=1)
     queue_size: int = Field(4096, ge=1, description="Negatives in the MoCo queue.")
@@ -124,16 +148,28 @@ class PretrainConfig(_Section):
     strategy: str = Field("auto", description="Lightning strategy, e.g. ddp.")
     seed: int = 0
     shuffle_bn_splits: int = Field(
-        2, ge=1, description="On one device, key-encoder sub-batches that emulate shuffle-BN; 1 turns it off."
+        2,
+        ge=1,
+        description="On one device, key-encoder sub-batches that emulate shuffle-BN; "
+        "1 turns it off.",
     )
     knn_k: int = Field(20, ge=1, description="Neighbours of the per-epoch k-NN monitor.")
-    knn_max_rows: int = Field(2000, ge=2, description="Labelled rows the k-NN monitor reads at most.")
-    magnitude_column: str | None = Field(
-        "mag_z", description="Cutout-store array to sample uniformly in; absent or None samples rows uniformly."
+    knn_max_rows: int = Field(
+        2000, ge=2, description="Labelled rows the k-NN monitor reads at most."
     )
-    shuffle_shards: int = Field(2, ge=1, description="Shards whose rows are shuffled together in each worker.")
+    magnitude_column: str | None = Field(
+        "mag_z",
+        description="Cutout-store array to sample uniformly in; "
+        "absent or None samples rows uniformly.",
+    )
+    shuffle_shards: int = Field(
+        2, ge=1, description="Shards whose rows are shuffled together in each worker."
+    )
     checkpoint_every_n_steps: int = Field(
-        0, ge=0, description="Also write last.ckpt every this many steps; 0 saves only after epochs and at max_steps."
+        0,
+        ge=0,
+        description="Also write last.ckpt every this many steps; "
+        "0 saves only after epochs and at max_steps.",
     )
 
 
@@ -149,24 +185,41 @@ class EmbedConfig(_Section):
     )
     n_workers: int = Field(2, ge=1, description="Workers of the LocalCluster.")
     threads_per_worker: int = Field(1, ge=1)
-    processes: bool = Field(True, description="LocalCluster workers are processes (True) or threads of this process.")
-    cluster_class: str | None = Field(
-        None, description="Dotted path of a Dask cluster class for scheduler='cluster', e.g. dask_jobqueue.SLURMCluster."
+    processes: bool = Field(
+        True, description="LocalCluster workers are processes (True) or threads of this process."
     )
-    cluster_kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of cluster_class.")
-    adapt: dict[str, Any] | None = Field(None, description="cluster.adapt() arguments, e.g. {minimum: 1, maximum: 20}.")
+    cluster_class: str | None = Field(
+        None,
+        description="Dotted path of a Dask cluster class for scheduler='cluster', "
+        "e.g. dask_jobqueue.SLURMCluster.",
+    )
+    cluster_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments of cluster_class."
+    )
+    adapt: dict[str, Any] | None = Field(
+        None, description="cluster.adapt() arguments, e.g. {minimum: 1, maximum: 20}."
+    )
     device: str = Field("auto", description="torch device: auto, cpu or cuda.")
 
 
 class ScoreConfig(_Section):
     """Linear probe and candidate ranking."""
 
-    label_column: str = Field("label", description="Column of the target table with 0/1 labels; -1 or blank means unlabelled.")
-    test_fraction: float = Field(0.3, gt=0, lt=1, description="Share of labelled rows held out for metrics.")
+    label_column: str = Field(
+        "label",
+        description="Column of the target table with 0/1 labels; -1 or blank means unlabelled.",
+    )
+    test_fraction: float = Field(
+        0.3, gt=0, lt=1, description="Share of labelled rows held out for metrics."
+    )
     epochs: int = Field(300, ge=1)
     learning_rate: float = Field(0.01, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
-    top_k: int = Field(100, ge=1, description="Rows in the candidate table's highlighted top and the precision-at-k metric.")
+    top_k: int = Field(
+        100,
+        ge=1,
+        description="Rows in the candidate table's highlighted top and the precision-at-k metric.",
+    )
     grid_size: int = Field(36, ge=1, description="Cutouts in the PNG grid of top candidates.")
     seed: int = 0
 
@@ -189,20 +242,28 @@ class BrickConfig(_Section):
 
     root: str = Field(
         PUBLIC_DR9_SOUTH_URL,
-        description="fsspec URL of the data-release directory that contains coadd/ (HTTP, local mirror or s3://).",
+        description="fsspec URL of the data-release directory that contains coadd/ "
+        "(HTTP, local mirror or s3://).",
     )
     bricks_table: str | None = Field(
-        None, description="fsspec URL of survey-bricks.fits(.gz); None uses the computed brick grid."
+        None,
+        description="fsspec URL of survey-bricks.fits(.gz); None uses the computed brick grid.",
     )
-    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for root and bricks_table.")
-    workers: int = Field(2, ge=1, le=64, description="Shards cut at once, each holding its bricks in memory.")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options for root and bricks_table."
+    )
+    workers: int = Field(
+        2, ge=1, le=64, description="Shards cut at once, each holding its bricks in memory."
+    )
 
 
 class LensMinerConfig(_Section):
     """The whole configuration of one run."""
 
     run_dir: str = Field("runs/default", description="fsspec URL of the run directory.")
-    targets: str | None = Field(None, description="fsspec URL of the target table (CSV, TSV, FITS, Parquet).")
+    targets: str | None = Field(
+        None, description="fsspec URL of the target table (CSV, TSV, FITS, Parquet)."
+    )
     survey: SurveyConfig = Field(default_factory=SurveyConfig)
     download: DownloadConfig = Field(default_factory=DownloadConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
@@ -246,7 +307,9 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> LensMinerConfig:
+def load_config(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> LensMinerConfig:
     """Build a configuration from defaults, an optional YAML file and dotted overrides.
 
     Parameters
@@ -268,12 +331,17 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             with fsspec.open(str(path), "r") as handle:
                 loaded = yaml.safe_load(handle)
         except FileNotFoundError as error:
-            raise ConfigError(f"configuration file {str(path)!r} not found; check the path") from error
+            raise ConfigError(
+                f"configuration file {str(path)!r} not found; check the path"
+            ) from error
         except yaml.YAMLError as error:
-            raise ConfigError(f"configuration file {str(path)!r} is not valid YAML: {error}") from error
+            raise ConfigError(
+                f"configuration file {str(path)!r} is not valid YAML: {error}"
+            ) from error
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(
-                f"configuration file {str(path)!r} must hold a mapping of sections, got {type(loaded).__name__}"
+                f"configuration file {str(path)!r} must contain a mapping of sections, "
+                f"got {type(loaded).__name__}"
             )
         data = loaded or {}
 
