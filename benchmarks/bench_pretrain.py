@@ -15,10 +15,11 @@ three timings repeat in ``--rounds`` rounds, and each is the median over rounds.
 With ``--gz-decals FOLDER`` it then pretrains on the Galaxy Zoo DECaLS colour PNGs in FOLDER
 (``catalog.csv`` with ``png`` and ``ring`` columns), written as a uint8 RGB cutout store resized
 to ``--gz-size`` px, once per seed in ``--seeds``. For each seed it reports the loss of the
-first and last epoch and the cosine k-NN accuracy on ``ring`` of the trained encoder and of a
-randomly initialised encoder of the same architecture and seed, for representations and
-projections and several k. ``test`` is the monitor's split (reference half against test half);
-``validation`` splits the reference half again, for choosing settings without the test half.
+first and last epoch. It also reports the cosine k-NN accuracy on ``ring`` of the trained
+encoder and of a randomly initialised encoder of the same architecture and seed, for
+representations and projections and several k. ``test`` is the monitor's split (reference
+half against test half), and ``validation`` splits the reference half again, for choosing
+settings without the test half.
 The summary gives the mean and standard deviation over seeds.
 
 Run from the repository root::
@@ -339,8 +340,8 @@ def _throughput(args: argparse.Namespace) -> dict[str, Any]:
         _, query = query_encoder(views[0])
         query.sum().backward()
 
-    # Rounds of the three timings in turn, so that the load of other processes on the machine
-    # affects them alike; the whole pipeline runs through pretrain() on a synthetic store.
+    # The three timings alternate in rounds, so that the load of other processes on the machine
+    # affects them alike. The whole pipeline runs through pretrain() on a synthetic store.
     rounds: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory() as folder:
         url = str(Path(folder) / "cutouts.zarr")
