@@ -1,13 +1,18 @@
-"""Benchmark of the Dask embedding path against a bare loop, and of its peak memory.
+"""Benchmark of Dask embedding and the Prefect embed flow against a bare loop, and peak memory.
 
 Three measurements, all on synthetic uint8 RGB stores (``image_format="jpeg"``) in a temporary
 folder:
 
-1. Throughput: images per second of ``embed_cutouts`` on a LocalCluster (workers warmed up) and
-   with the synchronous scheduler, against a bare single-process loop of the same encoder over
-   the same batches already in memory (``evaluation_view`` + forward pass, no I/O). The bare
-   loop and the synchronous path use torch's default thread count; each Dask worker process
-   runs one thread.
+1. Throughput: images per second of four paths over one store and one encoder.
+   ``embed_cutouts`` runs on a warmed-up LocalCluster of worker processes and with the
+   synchronous scheduler. The whole Prefect ``embed_flow`` runs on a local Dask task runner of
+   thread workers. The bare loop runs the same encoder in one process over the same batches
+   already in memory (``evaluation_view`` + forward pass, no I/O). The bare loop and the
+   synchronous path use torch's default thread count, and each Dask worker process runs one
+   thread. A flow run's time covers the whole call: flow and task run records, the start of its
+   own LocalCluster, the store preparation, the shards and the verification. The flow reports
+   to ``PREFECT_API_URL`` when it is set, and otherwise to a ``prefect server`` that the
+   benchmark starts on 127.0.0.1 with a temporary PREFECT_HOME.
 2. Peak memory: the largest resident set of the driver and its worker processes, summed, while
    embedding ``--memory-rows`` stores (10,000 and 100,000 rows by default).
 3. Projection: the per-image cost of the bare loop for the default ``PretrainConfig`` on 96 px
@@ -18,29 +23,37 @@ Run from the repository root::
     .venv/bin/python benchmarks/bench_embed.py --rows 4096 --memory-rows 10000 100000
 
 Results go to standard output as JSON. With the defaults the run takes about 15 minutes on a
-2-core x86_64 machine, most of it embedding the 100,000-row store.
+2-core x86_64 machine, most of it embedding the 100,000-row store; the four Prefect flow runs
+add an estimated one and a half minutes. ``--memory-rows`` with no value skips the memory runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import platform
+import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import psutil
 import torch
-from lensminer.models.encoder import Encoder, build_encoder, export_encoder
 
 from lensminer import stores
 from lensminer.augment import evaluation_view
 from lensminer.config import AugmentConfig, EmbedConfig, PretrainConfig
 from lensminer.embed import embed_cutouts
+from lensminer.models.encoder import Encoder, build_encoder, export_encoder
 
 SURVEY_ROWS = 76_000_000
 
@@ -119,11 +132,96 @@ def bare_loop_rate(encoder: Encoder, images: np.ndarray, batch_size: int, crop_s
     return images.shape[0] / seconds
 
 
-def throughput(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """Compare the Dask path, the synchronous path and the bare loop on one store and one encoder.
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that is free now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
-    The three runs alternate ``--repeats`` times and the medians are reported, so that load from
-    other processes on the machine affects all three alike.
+
+@contextlib.contextmanager
+def prefect_api(folder: Path, timeout: float = 120) -> Iterator[str]:
+    """Yield the Prefect API URL that flows of this benchmark report to.
+
+    That is ``PREFECT_API_URL`` when it is set. Otherwise a ``prefect server`` starts on
+    127.0.0.1 with its PREFECT_HOME in ``folder`` and stops on exit, after this process has
+    sent its queued logs and events, so that the exit of the interpreter does not wait on them.
+    """
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if os.environ.get("PREFECT_API_URL"):
+        yield os.environ["PREFECT_API_URL"]
+        return
+
+    home = folder / "prefect-home"
+    home.mkdir()
+    port = free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    prefect = Path(sys.executable).parent / "prefect"
+    with (home / "server.log").open("wb") as log:
+        server = subprocess.Popen(
+            [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + timeout
+            while not _healthy(api_url):
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"prefect server at {api_url} did not become healthy (exit code "
+                        f"{server.poll()}, limit {timeout} s); see {home / 'server.log'}"
+                    )
+                time.sleep(0.25)
+
+            with temporary_settings(updates={PREFECT_API_URL: api_url}):
+                try:
+                    yield api_url
+                finally:
+                    with contextlib.suppress(RuntimeError):  # no log worker was started
+                        APILogWorker.instance().drain()
+                    EventsWorker.drain_all()
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+
+
+def _healthy(api_url: str) -> bool:
+    try:
+        return httpx.get(f"{api_url}/health", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def embed_flow_seconds(
+    cutouts_url: str,
+    encoder_url: str,
+    embeddings_url: str,
+    embed: EmbedConfig,
+    augment: AugmentConfig,
+) -> float:
+    """Run the Prefect ``embed_flow`` on the task runner ``embed`` selects; return wall seconds."""
+    from lensminer.flows.pipeline import embed_flow, embed_task_runner
+
+    started = time.perf_counter()
+    runner = embed_task_runner(embed)
+    embed_flow.with_options(task_runner=runner)(
+        cutouts_url, encoder_url, embeddings_url, embed, augment
+    )
+    return time.perf_counter() - started
+
+
+def throughput(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Compare the Dask path, the synchronous path, the Prefect flow and the bare loop.
+
+    All four embed one store with one encoder.
+
+    The four runs alternate ``--repeats`` times and the medians are reported, so that load from
+    other processes on the machine affects all four alike.
     """
     from distributed import Client, LocalCluster
 
@@ -143,8 +241,15 @@ def throughput(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
     local = EmbedConfig(
         batch_size=args.batch_size, scheduler="local", n_workers=args.workers, threads_per_worker=1
     )
+    flow_threads = EmbedConfig(
+        batch_size=args.batch_size,
+        scheduler="local",
+        processes=False,
+        n_workers=args.workers,
+        threads_per_worker=1,
+    )
 
-    rates: dict[str, list[float]] = {"bare": [], "synchronous": [], "dask": []}
+    rates: dict[str, list[float]] = {"bare": [], "synchronous": [], "dask": [], "prefect_flow": []}
     started = time.perf_counter()
     with (
         LocalCluster(
@@ -165,6 +270,9 @@ def throughput(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
         embed_cutouts(
             warmup_url, encoder_url, str(folder / "warm-dask.zarr"), local, augment, client=client
         )
+        embed_flow_seconds(
+            warmup_url, encoder_url, str(folder / "warm-flow.zarr"), flow_threads, augment
+        )
 
         for repeat in range(args.repeats):
             rates["bare"].append(bare_loop_rate(encoder, images, args.batch_size, args.size))
@@ -181,6 +289,10 @@ def throughput(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
                 client=client,
             )
             rates["dask"].append(args.rows / summary.seconds)
+            seconds = embed_flow_seconds(
+                cutouts_url, encoder_url, str(folder / f"flow-{repeat}.zarr"), flow_threads, augment
+            )
+            rates["prefect_flow"].append(args.rows / seconds)
 
     median = {name: float(np.median(values)) for name, values in rates.items()}
     return {
@@ -193,8 +305,11 @@ def throughput(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
         "synchronous_img_per_s": round(median["synchronous"], 1),
         "dask_local_img_per_s": round(median["dask"], 1),
         "dask_workers": args.workers,
+        "prefect_flow_img_per_s": round(median["prefect_flow"], 1),
+        "prefect_flow_runner": f"local Dask, {args.workers} thread workers",
         "dask_over_bare": round(median["dask"] / median["bare"], 3),
         "synchronous_over_bare": round(median["synchronous"] / median["bare"], 3),
+        "prefect_flow_over_bare": round(median["prefect_flow"] / median["bare"], 3),
         "all_img_per_s": {
             name: [round(value, 1) for value in values] for name, values in rates.items()
         },
@@ -272,7 +387,12 @@ def main() -> None:
     )
     parser.add_argument("--shard-rows", type=int, default=256, help="Rows per shard.")
     parser.add_argument("--batch-size", type=int, default=128, help="Images per forward pass.")
-    parser.add_argument("--workers", type=int, default=2, help="LocalCluster worker processes.")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="Workers of each LocalCluster: processes for embed_cutouts, threads for the flow.",
+    )
     parser.add_argument(
         "--repeats", type=int, default=3, help="Alternating timed runs of each path."
     )
@@ -284,10 +404,13 @@ def main() -> None:
         "load_average_at_start": [round(load, 2) for load in psutil.getloadavg()],
     }
     with tempfile.TemporaryDirectory(prefix="bench-embed-") as folder:
-        report["throughput"] = throughput(Path(folder), args)
+        with prefect_api(Path(folder)) as api_url:
+            report["prefect_api_url"] = api_url
+            report["throughput"] = throughput(Path(folder), args)
         if args.memory_rows:
             report["peak_memory"] = peak_memory(Path(folder), args)
     report["projection"] = projection(args)
+    report["load_average_at_end"] = [round(load, 2) for load in psutil.getloadavg()]
     print(json.dumps(report, indent=2))
 
 
