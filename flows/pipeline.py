@@ -122,7 +122,7 @@ def embed_flow(
         unmapped(storage_options),
     )
     futures.result()
-    return verify_embeddings_task(cutouts_url, embeddings_url, storage_options)
+    return verify_embeddings_task(cutouts_url, embeddings_url, len(pending), storage_options)
 
 
 @flow(name="lens-search", log_prints=False)

@@ -61,16 +61,25 @@ def embed_shard_task(
 
 @task(name="verify-embeddings", cache_policy=NO_CACHE)
 def verify_embeddings_task(
-    cutouts_url: str, embeddings_url: str, storage_options: dict[str, Any] | None = None
+    cutouts_url: str,
+    embeddings_url: str,
+    shards_written: int = 0,
+    storage_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Check that the embedding store is complete and aligned with the cutout store."""
+    """Check that the embedding store is complete and aligned with the cutout store.
+
+    ``shards_written`` is the number of shards this run embedded; the rest count as skipped.
+    """
     summary = as_record(
         verify_embedding_store(cutouts_url, embeddings_url, storage_options=storage_options)
     )
+    summary["shards_written"] = shards_written
+    summary["shards_skipped"] -= shards_written
     get_run_logger().info(
-        "embedding store %s verified: %s rows, %s valid",
+        "embedding store %s verified: %s rows, %s valid, %d shards written",
         embeddings_url,
         summary["n_rows"],
         summary["n_valid"],
+        shards_written,
     )
     return summary

@@ -62,6 +62,7 @@ def small_sky_run(tmp_path_factory, prefect_harness):
 
 def test_flow_fills_every_store(small_sky_run):
     config, summary = small_sky_run
+    assert summary["embed"]["shards_written"] == 3
     cutouts = stores.open_store(config.cutouts_url, "cutouts")
     embeddings = stores.open_store(config.embeddings_url, "embeddings")
     assert summary["download"]["counts"]["OK"] == 96
