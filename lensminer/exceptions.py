@@ -11,6 +11,7 @@ __all__ = [
     "ConfigError",
     "CutoutParseError",
     "DownloadError",
+    "InvalidQueryError",
     "LensMinerError",
     "QueryNotFoundError",
     "StoreError",
@@ -55,6 +56,10 @@ class StoreIncompleteError(StoreError):
 
 class CheckpointError(LensMinerError, ValueError):
     """A model checkpoint or exported encoder is missing, corrupt or incompatible."""
+
+
+class InvalidQueryError(LensMinerError, ValueError):
+    """A similarity query has an invalid row, position or number of neighbours."""
 
 
 class QueryNotFoundError(LensMinerError, ValueError):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from typing import Any
 
 import faiss
@@ -22,7 +21,7 @@ from astropy.table import Table
 
 from lensminer import storage, stores
 from lensminer.config import SimilarityConfig
-from lensminer.exceptions import QueryNotFoundError, StoreError
+from lensminer.exceptions import InvalidQueryError, QueryNotFoundError, StoreError
 
 __all__ = [
     "MAX_MATCH_ARCSEC",
@@ -132,7 +131,10 @@ def _read_index(
         with _open(_metadata_url(index_url), "r", storage_options) as handle:
             metadata = json.load(handle)
     except FileNotFoundError as error:
-        raise StoreError(f"no similarity index at {index_url!r}; run build_index first") from error
+        raise StoreError(
+            f"no similarity index at {index_url!r}; build it with `lensminer index --run-dir DIR` "
+            "or check that the run directory exists"
+        ) from error
     return faiss.deserialize_index(data), metadata
 
 
@@ -288,13 +290,13 @@ class SimilarityIndex:
 
         Raises
         ------
-        ValueError
+        InvalidQueryError
             If ``row`` is outside the stores.
         QueryNotFoundError
             If the row's cutout is not OK, so it has no embedding.
         """
         if not 0 <= row < self.n_rows:
-            raise ValueError(
+            raise InvalidQueryError(
                 f"row {row} is out of range: the stores have rows 0 to {self.n_rows - 1}"
             )
         if not self.valid[row]:
@@ -311,14 +313,14 @@ class SimilarityIndex:
 
         Raises
         ------
-        ValueError
-            If ``ra`` or ``dec`` is not finite, or ``dec`` is outside [-90, 90].
+        InvalidQueryError
+            If ``ra`` is not in [0, 360) or ``dec`` not in [-90, 90] degrees.
         QueryNotFoundError
             If the nearest row with an embedding is more than ``max_separation_arcsec`` away.
         """
-        if not (math.isfinite(ra) and math.isfinite(dec) and -90.0 <= dec <= 90.0):
-            raise ValueError(
-                f"a position needs finite RA and Dec in degrees with Dec in [-90, 90], "
+        if not (0.0 <= ra < 360.0 and -90.0 <= dec <= 90.0):
+            raise InvalidQueryError(
+                f"a position needs RA in [0, 360) and Dec in [-90, 90] degrees, "
                 f"got ra={ra}, dec={dec}"
             )
 
@@ -354,7 +356,7 @@ class SimilarityIndex:
             If ``row`` has no embedding.
         """
         if k < 1:
-            raise ValueError(f"k must be at least 1, got {k}")
+            raise InvalidQueryError(f"k must be at least 1, got {k}")
         self.check_row(row)
 
         # Search one extra neighbour, because the query itself is usually the first hit.
@@ -426,12 +428,12 @@ def find_similar(
         If the index is missing or does not match the stores.
     """
     if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
+        raise InvalidQueryError(f"k must be at least 1, got {k}")
     by_position = ra is not None or dec is not None
     if (row is None) == (not by_position):
-        raise ValueError("give either row or both ra and dec")
+        raise InvalidQueryError("give either row or both ra and dec")
     if by_position and (ra is None or dec is None):
-        raise ValueError(f"a position query needs both ra and dec, got ra={ra}, dec={dec}")
+        raise InvalidQueryError(f"a position query needs both ra and dec, got ra={ra}, dec={dec}")
 
     index = SimilarityIndex.open(
         index_url, embeddings_url, cutouts_url, storage_options=storage_options

@@ -8,7 +8,7 @@ import zarr
 
 from lensminer import stores
 from lensminer.config import SimilarityConfig
-from lensminer.exceptions import StoreError, StoreIncompleteError
+from lensminer.exceptions import InvalidQueryError, StoreError, StoreIncompleteError
 from lensminer.similarity import (
     QueryNotFoundError,
     SimilarityIndex,
@@ -165,7 +165,7 @@ def test_projection_index_uses_projection(run, tmp_path):
 
 
 def test_missing_index_raises(run, tmp_path):
-    with pytest.raises(StoreError, match="run build_index first"):
+    with pytest.raises(StoreError, match="lensminer index"):
         find_similar(str(tmp_path / "none.faiss"), run["embeddings"], run["cutouts"], row=1)
 
 
@@ -230,9 +230,12 @@ def test_index_row_near_far_in_degrees(run):
         _open_index(run).row_near(200.0, 40.0)
 
 
-@pytest.mark.parametrize(("ra", "dec"), [(float("nan"), 0.0), (30.0, float("inf")), (30.0, 91.0)])
+@pytest.mark.parametrize(
+    ("ra", "dec"),
+    [(float("nan"), 0.0), (30.0, float("inf")), (30.0, 91.0), (400.0, 0.0), (-1.0, 0.0)],
+)
 def test_index_row_near_bad_position(run, ra, dec):
-    with pytest.raises(ValueError, match="finite RA and Dec"):
+    with pytest.raises(InvalidQueryError, match=r"RA in \[0, 360\) and Dec in \[-90, 90\]"):
         _open_index(run).row_near(ra, dec)
 
 
