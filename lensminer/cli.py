@@ -385,7 +385,7 @@ def _print_demo(result: Any, what: str) -> None:
     console.print("[bold]LensMiner run finished.[/bold] Outputs:")
     for name, url in result.outputs.items():
         console.print(f"  {name:<11} {url}")
-    console.print(f"ROC AUC on the held-out split: {metrics.get('roc_auc')}")
+    console.print(f"ROC AUC on the held-out split: {metrics['roc_auc']:.3f}")
     console.print(
         f"{result.n_test_lenses_in_top} of {result.n_test_lenses} {what} rank in the top "
         f"{result.top_fraction:.0%} of the held-out rows"

@@ -352,4 +352,20 @@ def load_config(
     try:
         return LensMinerConfig.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(f"invalid configuration: {error}") from error
+        problems = "; ".join(_describe(detail) for detail in error.errors())
+        raise ConfigError(f"invalid configuration: {problems}") from error
+
+
+def _describe(detail: Any) -> str:
+    """Render one pydantic error as ``key = value: message``, with the valid keys for a typo."""
+    key = ".".join(str(part) for part in detail["loc"])
+    if detail["type"] == "extra_forbidden":
+        section: type[BaseModel] = LensMinerConfig
+        for part in detail["loc"][:-1]:
+            annotation = section.model_fields[str(part)].annotation
+            if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+                break
+            section = annotation
+        valid = ", ".join(sorted(section.model_fields))
+        return f"{key} is not a configuration key; valid keys here are: {valid}"
+    return f"{key} = {detail.get('input')!r}: {detail['msg']}"

@@ -45,6 +45,9 @@ _DEMO_OVERRIDES: dict[str, Any] = {
     "embed.batch_size": 128,
     "embed.scheduler": "local",
     "embed.n_workers": 2,
+    # Thread workers share this process's Prefect API; worker processes would need a Prefect
+    # server (PREFECT_API_URL), which the demo does not start.
+    "embed.processes": False,
     "score.test_fraction": 0.5,
 }
 

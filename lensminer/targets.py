@@ -338,11 +338,12 @@ def _check_coordinates(ra: np.ndarray, dec: np.ndarray, source: str) -> None:
         return
     rows = np.flatnonzero(bad)
     first = int(rows[0])
+    noun = "row" if rows.size == 1 else "rows"
     raise TargetError(
-        f"{source} has {rows.size} rows with invalid coordinates "
-        f"(0-based rows {rows[:_MAX_LISTED].tolist()}, "
-        f"first ra={ra[first]!r}, dec={dec[first]!r}); expected finite degrees with RA in [0, 360) "
-        "and Dec in [-90, 90]: fix or drop those rows (wrap RA with ra % 360)"
+        f"{source} has {rows.size} {noun} with invalid coordinates "
+        f"(0-based {noun} {rows[:_MAX_LISTED].tolist()}, "
+        f"first ra={float(ra[first])}, dec={float(dec[first])}); expected finite degrees with "
+        "RA in [0, 360) and Dec in [-90, 90]. Fix or drop those rows (wrap RA with ra % 360)"
     )
 
 

@@ -12,6 +12,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("LENSMINER_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that uses the shared_data fixture, so ``-m shared_data`` selects them all."""
+    for item in items:
+        if "shared_data" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.shared_data)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """Folder of real survey data (gz-decals, decals-fits, lenses, sweep); skips when absent."""

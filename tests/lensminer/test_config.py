@@ -55,3 +55,13 @@ def test_override_below_value_rejected(tmp_path):
     path.write_text("run_dir: runs/a\n")
     with pytest.raises(ConfigError, match="is a value"):
         load_config(path, {"run_dir.sub": 1})
+
+
+def test_invalid_value_message_names_value():
+    with pytest.raises(ConfigError, match=r"pretrain.epochs = 'abc'"):
+        load_config(None, {"pretrain.epochs": "abc"})
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ConfigError, match=r"pretrain.epoch is not a configuration key.*epochs"):
+        load_config(None, {"pretrain.epoch": 3})

@@ -130,7 +130,7 @@ def test_read_sweep_parent_sample(shared_data: Path) -> None:
 )
 def test_standardize_bad_coordinates(ra: float, dec: float) -> None:
     table = Table({"ra": [1.0, ra, 2.0], "dec": [0.0, dec, 0.0]})
-    with pytest.raises(TargetError, match=r"1 rows with invalid coordinates \(0-based rows \[1\]"):
+    with pytest.raises(TargetError, match=r"1 row with invalid coordinates \(0-based row \[1\]"):
         standardize_targets(table)
 
 
