@@ -92,13 +92,14 @@ def check_brick_survey(survey: SurveyConfig) -> None:
     """
     if not math.isclose(survey.pixscale, BRICK_PIXSCALE, rel_tol=1e-6):
         raise ConfigError(
-            f"brick mode cuts native coadd pixels of {BRICK_PIXSCALE} arcsec, but survey.pixscale is "
-            f"{survey.pixscale}; set survey.pixscale to {BRICK_PIXSCALE} or use cutout-service mode"
+            f"brick mode cuts native coadd pixels of {BRICK_PIXSCALE} arcsec, but "
+            f"survey.pixscale is {survey.pixscale}; set survey.pixscale to {BRICK_PIXSCALE} "
+            "or use cutout-service mode"
         )
     if survey.image_format != "fits":
         raise ConfigError(
-            f"brick mode writes float32 FITS cutouts, but survey.image_format is {survey.image_format!r}; "
-            "set it to 'fits' or use cutout-service mode"
+            "brick mode writes float32 FITS cutouts, but survey.image_format is "
+            f"{survey.image_format!r}; set it to 'fits' or use cutout-service mode"
         )
 
 
@@ -115,7 +116,10 @@ def load_grid(bricks: BrickConfig) -> BrickGrid:
 
 
 def sort_by_brick(targets: Table, grid: BrickGrid) -> Table:
-    """Return ``targets`` stably sorted by the brick that owns each row, with a ``brickname`` column."""
+    """Return ``targets`` stably sorted by the brick that owns each row.
+
+    The result has an added ``brickname`` column.
+    """
     index = grid.indices_for(
         np.asarray(targets["ra"], dtype=np.float64), np.asarray(targets["dec"], dtype=np.float64)
     )

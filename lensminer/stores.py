@@ -17,7 +17,7 @@ Cutout store (``kind = "cutouts"``)::
     status      (N,)          uint8 RowStatus code
     reason      (N,)          str, why a row failed or has no coverage ("" when ok)
     shard_done  (n_shards,)   bool, one chunk per flag
-    label       (N,)          int8, 1 lens / 0 not / -1 unknown (present when the targets had labels)
+    label       (N,)          int8, 1 lens / 0 not / -1 unknown (when the targets have labels)
     ebv         (N,)          float32 E(B-V) (optional)
     psf_fwhm    (N, C)        float32 arcsec (optional)
 
@@ -121,7 +121,8 @@ def shard_slice(index: int, n_rows: int, shard_rows: int) -> slice:
 
 
 def _as_ids(target_id: Sequence[str] | np.ndarray) -> np.ndarray:
-    # Zarr returns numpy StringDType arrays, which refuse a plain astype(str); go through Python str.
+    # Zarr returns numpy StringDType arrays, which refuse a plain astype(str), so the ids go
+    # through Python str.
     return np.asarray([str(value) for value in np.asarray(target_id).tolist()], dtype=str)
 
 
@@ -150,8 +151,8 @@ def _check_existing(group: zarr.Group, kind: str, target_ids: np.ndarray, url: s
     stored = group["target_id"][:]
     if stored.tolist() != target_ids.tolist():
         raise StoreError(
-            f"{url!r} was created for other targets ({stored.shape[0]} rows, expected {target_ids.shape[0]}); "
-            "delete it or choose another run directory to start again"
+            f"{url!r} was created for other targets ({stored.shape[0]} rows, expected "
+            f"{target_ids.shape[0]}); delete it or choose another run directory to start again"
         )
 
 
