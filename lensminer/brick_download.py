@@ -47,13 +47,11 @@ from scipy import ndimage
 from lensminer import storage
 from lensminer.bricks import BRICK_PIXSCALE, Brick, BrickGrid, brick_wcs, coadd_path, default_grid
 from lensminer.config import BrickConfig, DownloadConfig, SurveyConfig
-from lensminer.download import TOP_FAILURES, DownloadSummary, catalog_columns, check_targets
+from lensminer.download import TOP_FAILURES, DownloadSummary, check_targets, create_target_store
 from lensminer.exceptions import ConfigError, StoreError
 from lensminer.stores import (
-    CutoutLayout,
     RowStatus,
     check_planes,
-    create_cutout_store,
     mark_shard_done,
     open_store,
     shard_count,
@@ -156,27 +154,14 @@ def prepare_brick_store(
     grid = grid or load_grid(bricks)
     ordered = sort_by_brick(targets, grid)
 
-    layout = CutoutLayout(
-        bands=survey.bands,
-        size=survey.size,
-        pixscale=survey.pixscale,
-        image_format=survey.image_format,
-        layer=survey.layer,
-        service_url=bricks.root,
-        invvar=survey.invvar,
-        maskbits=survey.maskbits,
-    )
     provenance = {"source": "bricks", "root": bricks.root, "bricks_table": bricks.bricks_table}
-    group = create_cutout_store(
+    group = create_target_store(
+        ordered,
         store_url,
-        target_id=np.asarray(ordered["target_id"]).astype(str),
-        ra=np.asarray(ordered["ra"], dtype=np.float64),
-        dec=np.asarray(ordered["dec"], dtype=np.float64),
-        layout=layout,
-        shard_rows=download.shard_rows,
-        chunk_rows=download.chunk_rows,
-        columns=catalog_columns(ordered, layout.channels),
-        attrs={"download": provenance},
+        survey,
+        download,
+        service_url=bricks.root,
+        provenance=provenance,
         storage_options=storage_options,
     )
     source = dict(group.attrs.get("download", {})).get("source")

@@ -48,6 +48,7 @@ __all__ = [
     "DownloadSummary",
     "catalog_columns",
     "check_targets",
+    "create_target_store",
     "cutout_request",
     "download_cutouts",
 ]
@@ -187,27 +188,32 @@ def check_targets(targets: Table) -> None:
         raise TargetError("target table has no rows; nothing to download")
 
 
-def _open_store(
+def create_target_store(
     targets: Table,
     store_url: str,
     survey: SurveyConfig,
     download: DownloadConfig,
-    storage_options: dict[str, Any] | None,
+    *,
+    service_url: str,
+    provenance: dict[str, Any],
+    storage_options: dict[str, Any] | None = None,
 ) -> zarr.Group:
+    """Create or reopen the cutout store of ``targets`` in their row order.
+
+    Both download modes use it: the layout comes from ``survey``, the shard sizes from
+    ``download``, and the catalog columns (label, ebv, psf_fwhm) from ``targets``.
+    ``service_url`` and ``provenance`` record where the images come from.
+    """
     layout = CutoutLayout(
         bands=survey.bands,
         size=survey.size,
         pixscale=survey.pixscale,
         image_format=survey.image_format,
         layer=survey.layer,
-        service_url=survey.base_url,
+        service_url=service_url,
         invvar=survey.invvar,
         maskbits=survey.maskbits,
     )
-    provenance = {
-        "client": f"lensminer {client_version()}",
-        "endpoint": cutout_request(survey, 0.0, 0.0)[0],
-    }
     return create_cutout_store(
         store_url,
         target_id=np.asarray(targets["target_id"]).astype(str),
@@ -443,7 +449,19 @@ def download_cutouts(
     check_targets(targets)
 
     # Create or reopen the store and work out what is left to do.
-    group = _open_store(targets, store_url, survey, download, storage_options)
+    provenance = {
+        "client": f"lensminer {client_version()}",
+        "endpoint": cutout_request(survey, 0.0, 0.0)[0],
+    }
+    group = create_target_store(
+        targets,
+        store_url,
+        survey,
+        download,
+        service_url=survey.base_url,
+        provenance=provenance,
+        storage_options=storage_options,
+    )
     n_rows = len(targets)
     shard_rows = int(group.attrs["shard_rows"])
     work, skipped = _plan(group, n_rows, shard_rows, retry_failed)
