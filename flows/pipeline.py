@@ -47,11 +47,13 @@ logger = logging.getLogger(__name__)
 def embed_task_runner(embed: EmbedConfig) -> ThreadPoolTaskRunner | DaskTaskRunner:
     """Choose the task runner of the embedding flow from ``embed.scheduler``.
 
-    ``"synchronous"`` runs shards one after another in this process; ``"local"`` starts a Dask
-    ``LocalCluster`` whose listeners bind to 127.0.0.1; ``"cluster"`` starts
-    ``embed.cluster_class`` (see ``infra/clusters/``); ``"tcp://host:port"`` joins an existing
-    scheduler. Worker processes report task runs to ``PREFECT_API_URL``. Without it every process
-    would start a temporary API server of its own, so the local cluster then uses threads and warns.
+    - ``"synchronous"`` runs shards one after another in this process.
+    - ``"local"`` starts a Dask ``LocalCluster`` whose listeners bind to 127.0.0.1.
+    - ``"cluster"`` starts ``embed.cluster_class`` (see ``infra/clusters/``).
+    - ``"tcp://host:port"`` joins an existing scheduler.
+
+    Worker processes report task runs to ``PREFECT_API_URL``. Without it every process would start
+    a temporary API server of its own, so the local cluster then uses threads and warns.
     """
     check_scheduler(embed)
     if embed.scheduler == "synchronous":

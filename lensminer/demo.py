@@ -54,7 +54,7 @@ _DEMO_OVERRIDES: dict[str, Any] = {
 
 @dataclass
 class DemoResult:
-    """Where a demo run wrote its outputs and how well it ranked the held-out lenses."""
+    """Output locations of a demo run and its ranking of the held-out lenses."""
 
     run_dir: str
     summary: dict[str, Any]
