@@ -47,7 +47,12 @@ from scipy import ndimage
 from lensminer import storage
 from lensminer.bricks import BRICK_PIXSCALE, Brick, BrickGrid, brick_wcs, coadd_path, default_grid
 from lensminer.config import BrickConfig, DownloadConfig, SurveyConfig
-from lensminer.download import TOP_FAILURES, DownloadSummary, check_targets, create_target_store
+from lensminer.download import (
+    DownloadSummary,
+    check_targets,
+    create_target_store,
+    summarize_download,
+)
 from lensminer.exceptions import ConfigError, StoreError
 from lensminer.stores import (
     RowStatus,
@@ -56,7 +61,6 @@ from lensminer.stores import (
     open_store,
     shard_count,
     shard_slice,
-    status_summary,
 )
 
 __all__ = [
@@ -744,26 +748,10 @@ def download_from_bricks(
         for future in [pool.submit(run, index) for index in work]:
             future.result()
 
-    # Summarise over the whole store and record the run in its attributes.
-    counts, top_failures = status_summary(group, TOP_FAILURES)
-    summary = DownloadSummary(
-        store_url=store_url,
-        n_rows=n_rows,
-        counts=counts,
-        top_failures=top_failures,
+    return summarize_download(
+        group,
+        store_url,
         shards_written=len(work),
-        shards_skipped=n_shards - len(work),
         seconds=time.perf_counter() - started,
         requests=sum(reader.files_read for reader in readers),
     )
-    group.attrs["download"] = {**dict(group.attrs.get("download", {})), "counts": counts}
-    if counts["FAILED"]:
-        logger.warning(
-            "%d of %d cutouts failed in %s (top reasons %s); rerun to retry them",
-            counts["FAILED"],
-            n_rows,
-            store_url,
-            summary.top_failures,
-        )
-    logger.info("cutout store %s: %s in %.1f s", store_url, counts, summary.seconds)
-    return summary

@@ -51,6 +51,7 @@ __all__ = [
     "create_target_store",
     "cutout_request",
     "download_cutouts",
+    "summarize_download",
 ]
 
 logger = logging.getLogger(__name__)
@@ -393,6 +394,52 @@ async def _download(
     await asyncio.gather(*(worker() for _ in range(min(shards_in_flight, len(work)))))
 
 
+def summarize_download(
+    group: zarr.Group,
+    store_url: str,
+    *,
+    shards_written: int,
+    seconds: float = 0.0,
+    requests: int = 0,
+    retries: int = 0,
+    run_attrs: dict[str, Any] | None = None,
+) -> DownloadSummary:
+    """Count a cutout store's rows by status, record the run in its attributes and log it.
+
+    Both download modes end with this. ``shards_written`` is the number of shards that this run
+    wrote; every other shard counts as skipped.
+    """
+    counts, top_failures = status_summary(group, TOP_FAILURES)
+    n_rows = int(group.attrs["n_rows"])
+    summary = DownloadSummary(
+        store_url=store_url,
+        n_rows=n_rows,
+        counts=counts,
+        top_failures=top_failures,
+        shards_written=shards_written,
+        shards_skipped=int(group["shard_done"].shape[0]) - shards_written,
+        seconds=seconds,
+        requests=requests,
+        retries=retries,
+    )
+    group.attrs["download"] = {
+        **dict(group.attrs.get("download", {})),
+        **(run_attrs or {}),
+        "counts": counts,
+    }
+
+    if counts["FAILED"]:
+        logger.warning(
+            "%d of %d cutouts failed in %s (top reasons %s); rerun to retry them",
+            counts["FAILED"],
+            n_rows,
+            store_url,
+            top_failures,
+        )
+    logger.info("cutout store %s: %s in %.1f s", store_url, counts, seconds)
+    return summary
+
+
 def download_cutouts(
     targets: Table,
     store_url: str,
@@ -512,33 +559,16 @@ def download_cutouts(
     if work:
         _run(main())
 
-    # Summarise over the whole store and record the run in its attributes.
-    counts, top_failures = status_summary(group, TOP_FAILURES)
-    summary = DownloadSummary(
-        store_url=store_url,
-        n_rows=n_rows,
-        counts=counts,
-        top_failures=top_failures,
+    return summarize_download(
+        group,
+        store_url,
         shards_written=len(work),
-        shards_skipped=skipped,
         seconds=time.perf_counter() - started,
         requests=client.stats.requests,
         retries=client.stats.retries,
+        run_attrs={
+            "client": f"lensminer {client_version()}",
+            "user_agent": client.user_agent,
+            "last_run": dt.datetime.now(dt.UTC).isoformat(),
+        },
     )
-    group.attrs["download"] = {
-        **dict(group.attrs.get("download", {})),
-        "client": f"lensminer {client_version()}",
-        "user_agent": client.user_agent,
-        "last_run": dt.datetime.now(dt.UTC).isoformat(),
-        "counts": counts,
-    }
-    if counts["FAILED"]:
-        logger.warning(
-            "%d of %d cutouts failed in %s (top reasons %s); rerun to retry them",
-            counts["FAILED"],
-            n_rows,
-            store_url,
-            summary.top_failures,
-        )
-    logger.info("cutout store %s: %s in %.1f s", store_url, counts, summary.seconds)
-    return summary

@@ -10,7 +10,7 @@ from prefect.cache_policies import NO_CACHE
 from lensminer import stores
 from lensminer.brick_download import cut_brick_shard, load_grid, prepare_brick_store, shard_bricks
 from lensminer.config import BrickConfig, DownloadConfig, SurveyConfig
-from lensminer.download import TOP_FAILURES, download_cutouts
+from lensminer.download import download_cutouts, summarize_download
 from lensminer.targets import read_targets
 from lensminer.tasks._common import as_record
 
@@ -93,17 +93,9 @@ def cut_brick_shard_task(
 def summarize_cutouts_task(
     cutouts_url: str, shards_written: int, storage_options: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Count the cutout store's rows by status and list its commonest failure reasons."""
-    group = stores.open_store(cutouts_url, "cutouts", storage_options=storage_options)
+    """Check that the cutout store is complete and count its rows by status."""
+    group = stores.open_store(cutouts_url, "cutouts", mode="r+", storage_options=storage_options)
     stores.require_complete(group, cutouts_url)
-    counts, top_failures = stores.status_summary(group, TOP_FAILURES)
-    n_shards = int(group["shard_done"].shape[0])
-    get_run_logger().info("cutout store %s: rows by status %s", cutouts_url, counts)
-    return {
-        "store_url": cutouts_url,
-        "n_rows": int(group.attrs["n_rows"]),
-        "counts": counts,
-        "top_failures": [list(pair) for pair in top_failures],
-        "shards_written": shards_written,
-        "shards_skipped": n_shards - shards_written,
-    }
+    summary = as_record(summarize_download(group, cutouts_url, shards_written=shards_written))
+    get_run_logger().info("cutout store %s: rows by status %s", cutouts_url, summary["counts"])
+    return summary
