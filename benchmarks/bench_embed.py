@@ -16,7 +16,7 @@ folder:
 2. Peak memory: the largest resident set of the driver and its worker processes, summed, while
    embedding ``--memory-rows`` stores (10,000 and 100,000 rows by default).
 3. Projection: the per-image cost of the bare loop for the default ``PretrainConfig`` on 96 px
-   crops, scaled to 76 million cutouts; the output names the backbone and stem it measured.
+   crops, scaled to 76 million cutouts. The output names the backbone and stem it measured.
 
 Run from the repository root::
 

@@ -492,9 +492,9 @@ def _resample(planes: np.ndarray, source_wcs: WCS, target_wcs: WCS) -> np.ndarra
 class SimulatedBrickSource:
     """Brick coadds of a simulated sky with a galaxy at each position of a target catalog.
 
-    Each brick image is Gaussian sky noise plus, for every target whose stamp overlaps the
-    brick, the noise-free :meth:`SimulatedSky.render` stamp of the object at that position,
-    shifted by a cubic spline to the target's sub-pixel position on the brick's TAN grid. A
+    Each brick image is Gaussian sky noise plus a stamp for every target whose stamp overlaps
+    the brick. A stamp is the noise-free :meth:`SimulatedSky.render` image of the object, shifted
+    by a cubic spline to the target's sub-pixel position on the brick's TAN grid. A
     brick is rendered when one of its files is first requested and is kept as tile-compressed
     FITS files under ``cache_dir``, in the layout of a data release
     (``coadd/<AAA>/<brick>/legacysurvey-<brick>-<kind>[-<band>].fits.fz``).
@@ -749,8 +749,8 @@ class SimulatedBrickSource:
         with self._lock:
             self._cached[name] = None
             self._cached.move_to_end(name)
-            # NOTE: a file of an evicted brick that a response is still sending can vanish
-            # under it; keep max_cached above the number of bricks read at once.
+            # NOTE: a response that is still sending a file of an evicted brick can lose the file.
+            # Keep max_cached above the number of bricks read at once.
             while self._temporary and len(self._cached) > self.max_cached:
                 old, _ = self._cached.popitem(last=False)
                 brick = self._by_name[old]

@@ -9,8 +9,8 @@ With a :class:`~lensminer.infra.sources.SimulatedBrickSource`, the server also s
 coadds as a data release does:
 ``/dr9/south/coadd/<AAA>/<brick>/legacysurvey-<brick>-image-<band>.fits.fz`` (also
 ``-invvar-<band>`` and ``-maskbits``) and the table ``/dr9/south/survey-bricks.fits`` of
-the bricks it covers. Brick files answer HTTP range requests; bricks outside the covered
-footprint answer 404.
+the bricks it covers. Brick files support HTTP range requests, and bricks outside the covered
+footprint return 404.
 
 Run it as a process for the demo::
 
@@ -115,7 +115,7 @@ class FaultConfig:
     truncate_rate
         Share whose body is cut to its first half, with a matching ``Content-Length``.
     slow_rate
-        Share delayed by ``slow_delay`` seconds, then answered normally.
+        Share delayed by ``slow_delay`` seconds, then served normally.
     latency
         Seconds added to every response, faulty or not.
     seed

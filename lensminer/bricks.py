@@ -8,9 +8,9 @@ centre. 3600 pixels are about 0.262 degrees, so the images of neighbouring brick
 about 80 pixels on each side.
 
 :class:`BrickGrid` finds bricks either from an official ``survey-bricks.fits(.gz)`` table or
-from a computed grid (:meth:`BrickGrid.default`): Dec rows 0.25 degrees high centred on
-multiples of 0.25 degrees, each split into ``n = max(1, round(360 cos(dec) / 0.25))`` bricks
-of equal RA width, the first starting at RA 0.
+from a computed grid (:meth:`BrickGrid.default`). The computed grid has Dec rows 0.25 degrees
+high, centred on multiples of 0.25 degrees. Each row is split into
+``n = max(1, round(360 cos(dec) / 0.25))`` bricks of equal RA width, the first starting at RA 0.
 """
 
 from __future__ import annotations

@@ -380,14 +380,14 @@ def web(
     uvicorn.run(web_app, host=host, port=port, log_level="info")
 
 
-def _print_demo(result: Any, what: str) -> None:
+def _print_demo(result: Any, subject: str) -> None:
     metrics = result.summary["score"]["metrics"]
     console.print("[bold]LensMiner run finished.[/bold] Outputs:")
     for name, url in result.outputs.items():
         console.print(f"  {name:<11} {url}")
     console.print(f"ROC AUC on the held-out split: {metrics['roc_auc']:.3f}")
     console.print(
-        f"{result.n_test_lenses_in_top} of {result.n_test_lenses} {what} rank in the top "
+        f"{result.n_test_lenses_in_top} of {result.n_test_lenses} {subject} rank in the top "
         f"{result.top_fraction:.0%} of the held-out rows"
     )
     neighbours = result.summary.get("neighbours") or []

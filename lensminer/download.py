@@ -385,7 +385,7 @@ async def _download(
     queue = collections.deque(sorted(work.items()))
 
     # A few shards in flight keep the connection pool busy while a finished shard is written.
-    # Memory holds the buffers of at most that many shards.
+    # At most that many shards have buffers in memory.
     async def worker() -> None:
         while queue:
             index, rows = queue.popleft()

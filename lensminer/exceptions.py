@@ -31,7 +31,7 @@ class ConfigError(LensMinerError, ValueError):
 
 
 class TargetError(LensMinerError, ValueError):
-    """A target table is missing columns or holds invalid coordinates."""
+    """A target table is missing columns or contains invalid coordinates."""
 
 
 class CutoutParseError(LensMinerError, ValueError):

@@ -6,7 +6,7 @@ any stored state. Images are in nanomaggies per pixel in g, r and z, in FITS ori
 (row 0 south, east left), with the galaxy at the cutout centre.
 
 Galaxies are Sersic profiles: red ellipticals and bluer discs, convolved with a Moffat PSF per
-band, plus Gaussian pixel noise. A share ``lens_fraction`` of positions holds a strong lens:
+band, plus Gaussian pixel noise. A share ``lens_fraction`` of positions is a strong lens:
 an SIE plus external shear (lenstronomy) that lenses a blue Sersic source behind a red
 elliptical. The deflector light uses the same Sersic renderer as every other galaxy, so a
 classifier cannot tell lenses from non-lenses by rendering artefacts of the deflector.

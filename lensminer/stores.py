@@ -145,7 +145,7 @@ def _check_existing(group: zarr.Group, kind: str, target_ids: np.ndarray, url: s
     attrs = group.attrs.asdict()
     if attrs.get("kind") != kind:
         raise StoreError(
-            f"{url!r} holds a {attrs.get('kind', 'non-LensMiner')!r} store, expected {kind!r}; "
+            f"{url!r} contains a {attrs.get('kind', 'non-LensMiner')!r} store, expected {kind!r}; "
             "choose another run directory"
         )
     stored = group["target_id"][:]

@@ -566,7 +566,7 @@ def read_lenscat(
         Keep only these values of the ``grading`` column, e.g. ``["confident"]``.
     merge_radius_arcsec
         The catalog lists some lenses once per discovery paper, under the same or another name and
-        at slightly different positions; rows within this radius of an earlier row are dropped.
+        at slightly different positions. Rows within this radius of an earlier row are dropped.
 
     Returns
     -------
@@ -602,13 +602,15 @@ def read_lenscat(
 # --------------------------------------------------------------------------------------------
 
 
-def _require(table: Table, names: dict[str, str], wanted: Sequence[str], purpose: str) -> list[str]:
-    missing = [name.upper() for name in wanted if name not in names]
+def _require(
+    table: Table, names: dict[str, str], required: Sequence[str], purpose: str
+) -> list[str]:
+    missing = [name.upper() for name in required if name not in names]
     if missing:
         raise TargetError(
             f"{purpose} needs columns {missing} (any case); the table has {table.colnames[:12]}"
         )
-    return [names[name] for name in wanted]
+    return [names[name] for name in required]
 
 
 def select_parent_sample(

@@ -30,8 +30,8 @@ def test_top_fraction_recall_counts_test_rows():
             "split": ["test", "train", "test"] + ["test"] * 37,
         }
     )
-    # 39 test rows: the top 5% is the 2 best test rows (rows 0 and 2), both lenses; row 1 is
-    # a training row and does not count, and the third test lens ranks last.
+    # Of 39 test rows, the top 5% are the 2 best: rows 0 and 2, both lenses. Row 1 is a
+    # training row and does not count. The third test lens ranks last.
     assert top_fraction_recall(candidates, 0.05) == (2, 3)
 
 
