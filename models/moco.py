@@ -17,6 +17,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
 from torch import Tensor, nn
 
 from lensminer.augment import Augmentation, evaluation_view
@@ -30,6 +31,7 @@ __all__ = [
     "embed_evaluation_views",
     "info_nce_loss",
     "knn_accuracy",
+    "knn_roc_auc",
     "labelled_knn_accuracy",
     "momentum_update",
     "split_halves",
@@ -86,8 +88,45 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
 
 
 @torch.no_grad()
+def _knn_votes(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    k: int,
+    n_classes: int,
+    leave_one_out: bool,
+) -> Tensor:
+    """Return the (M, n_classes) cosine-similarity-weighted votes of the k nearest train rows."""
+    train = F.normalize(train_features.float(), dim=1)
+    test = F.normalize(test_features.float(), dim=1)
+    similarity = test @ train.T  # (M, N)
+
+    # Each row is its own nearest neighbour, so leave-one-out masks the diagonal.
+    if leave_one_out:
+        if train.shape[0] != test.shape[0]:
+            raise ValueError(
+                "leave_one_out=True requires the test rows to be the train rows, but got "
+                f"{test.shape[0]} test and {train.shape[0]} train rows. Pass the same features "
+                "and labels as train and test."
+            )
+        similarity.fill_diagonal_(float("-inf"))
+    k = min(k, train.shape[0] - int(leave_one_out))
+
+    nearest, index = similarity.topk(k, dim=1)  # (M, k)
+    votes = torch.zeros(test.shape[0], n_classes, device=test.device)
+    votes.scatter_add_(1, train_labels[index], nearest.clamp(min=0) + 1e-6)
+    return votes
+
+
+@torch.no_grad()
 def knn_accuracy(
-    train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor, k: int
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    k: int,
+    *,
+    leave_one_out: bool = False,
 ) -> float:
     """Classify by a cosine-similarity-weighted vote of the k nearest training rows.
 
@@ -97,21 +136,67 @@ def knn_accuracy(
         (N, D) and (M, D) features; they are L2-normalised here.
     train_labels, test_labels
         (N,) and (M,) integer class labels.
+    leave_one_out
+        The test rows are the train rows, and each row is classified without its own vote.
 
     Returns
     -------
     float
         Share of test rows whose predicted class equals their label.
     """
-    train = F.normalize(train_features.float(), dim=1)
-    test = F.normalize(test_features.float(), dim=1)
-    k = min(k, train.shape[0])
-
-    similarity, index = (test @ train.T).topk(k, dim=1)  # (M, k)
     n_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    votes = torch.zeros(test.shape[0], n_classes, device=test.device)
-    votes.scatter_add_(1, train_labels[index], similarity.clamp(min=0) + 1e-6)
+    votes = _knn_votes(train_features, train_labels, test_features, k, n_classes, leave_one_out)
     return float((votes.argmax(dim=1) == test_labels).float().mean())
+
+
+@torch.no_grad()
+def knn_roc_auc(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    k: int,
+    *,
+    leave_one_out: bool = False,
+) -> float:
+    """Measure the ROC AUC of the k-NN vote share of class 1 as a score for binary labels.
+
+    The votes are those of :func:`knn_accuracy`. The score is continuous, so the AUC uses
+    every test row's margin, unlike the accuracy, which counts only which class wins.
+
+    Parameters
+    ----------
+    train_features, test_features
+        (N, D) and (M, D) features; they are L2-normalised here.
+    train_labels, test_labels
+        (N,) and (M,) integer labels, each 0 or 1.
+    leave_one_out
+        The test rows are the train rows, and each row is scored without its own vote.
+
+    Returns
+    -------
+    float
+        The AUC in [0, 1] (0.5 for a score unrelated to the label), or NaN when the test rows
+        contain one class only.
+
+    Raises
+    ------
+    ValueError
+        If a label is not 0 or 1.
+    """
+    for name, labels in (("train_labels", train_labels), ("test_labels", test_labels)):
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > 1):
+            found = sorted(set(labels.unique().tolist()) - {0, 1})
+            raise ValueError(
+                f"{name} contains {found}, but the ROC AUC needs binary labels 0 and 1. "
+                "Relabel as one class against the rest."
+            )
+    if test_labels.unique().numel() < 2:
+        return float("nan")
+
+    votes = _knn_votes(train_features, train_labels, test_features, k, 2, leave_one_out)
+    share = votes[:, 1] / votes.sum(dim=1)
+    return float(roc_auc_score(test_labels.cpu().numpy(), share.cpu().numpy()))
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from lensminer.augment import evaluation_view
@@ -20,6 +21,7 @@ from lensminer.models.moco import (
     embed_evaluation_views,
     info_nce_loss,
     knn_accuracy,
+    knn_roc_auc,
     labelled_knn_accuracy,
     momentum_update,
     split_halves,
@@ -183,6 +185,108 @@ def test_knn_matches_reference() -> None:
         7,
     )
     assert abs(found - correct / 15) < 1e-6
+
+
+def _clusters(rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (rows, 3) features in two tight clusters and their (rows,) labels."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    labels = torch.arange(rows) % 2
+    return centres[labels] + 0.05 * torch.randn(rows, 3, generator=generator), labels
+
+
+def _reference_share(
+    train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, k: int, leave_one_out: bool
+) -> np.ndarray:
+    """Return the k-NN vote share of class 1 per test row, row by row."""
+    unit_train = train / np.linalg.norm(train, axis=1, keepdims=True)
+    shares = []
+    for row_index, row in enumerate(test):
+        similarity = unit_train @ (row / np.linalg.norm(row))
+        if leave_one_out:
+            similarity[row_index] = -np.inf
+        votes = np.zeros(2)
+        for index in np.argsort(-similarity)[:k]:
+            votes[train_labels[index]] += max(similarity[index], 0.0) + 1e-6
+        shares.append(votes[1] / votes.sum())
+    return np.asarray(shares)
+
+
+def test_knn_leave_one_out_clusters() -> None:
+    features, labels = _clusters(40, seed=0)
+    assert knn_accuracy(features, labels, features, labels, k=5, leave_one_out=True) == 1.0
+
+
+def test_knn_leave_one_out_drops_self() -> None:
+    # Each row's nearest other row has the opposite label, so only its own vote can be right.
+    features = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    labels = torch.tensor([0, 1, 0, 1])
+    assert knn_accuracy(features, labels, features, labels, k=1) == 1.0
+    assert knn_accuracy(features, labels, features, labels, k=1, leave_one_out=True) == 0.0
+
+
+def test_knn_leave_one_out_matches_reference() -> None:
+    rng = np.random.default_rng(5)
+    features, labels = rng.normal(size=(31, 6)), rng.integers(0, 2, 31)
+    shares = _reference_share(features, labels, features, 7, leave_one_out=True)
+    expected = float(np.mean((shares > 0.5) == labels))
+
+    tensor, label_tensor = torch.from_numpy(features), torch.from_numpy(labels)
+    found = knn_accuracy(tensor, label_tensor, tensor, label_tensor, 7, leave_one_out=True)
+    assert abs(found - expected) < 1e-6
+
+
+def test_knn_leave_one_out_rejects_other_rows() -> None:
+    features, labels = _clusters(10, seed=0)
+    with pytest.raises(ValueError, match="leave_one_out"):
+        knn_accuracy(features, labels, features[:4], labels[:4], k=3, leave_one_out=True)
+
+
+def test_knn_auc_separable_clusters() -> None:
+    features, labels = _clusters(40, seed=1)
+    assert knn_roc_auc(features[:20], labels[:20], features[20:], labels[20:], k=5) == 1.0
+
+
+def test_knn_auc_independent_labels() -> None:
+    # Labels drawn apart from the features: the AUC of 2,000 test rows is 0.5 +- 0.013 (1 sigma).
+    generator = torch.Generator().manual_seed(2)
+    features = torch.randn(4000, 8, generator=generator)
+    labels = torch.randint(0, 2, (4000,), generator=generator)
+    auc = knn_roc_auc(features[:2000], labels[:2000], features[2000:], labels[2000:], k=20)
+    assert abs(auc - 0.5) < 0.05
+
+
+@pytest.mark.parametrize("leave_one_out", [False, True])
+def test_knn_auc_matches_reference(leave_one_out: bool) -> None:
+    rng = np.random.default_rng(6)
+    train, train_labels = rng.normal(size=(30, 6)), rng.integers(0, 2, 30)
+    test, test_labels = rng.normal(size=(17, 6)), rng.integers(0, 2, 17)
+    if leave_one_out:
+        test, test_labels = train, train_labels
+    shares = _reference_share(train, train_labels, test, 7, leave_one_out)
+    expected = roc_auc_score(test_labels, shares)
+
+    found = knn_roc_auc(
+        torch.from_numpy(train),
+        torch.from_numpy(train_labels),
+        torch.from_numpy(test),
+        torch.from_numpy(test_labels),
+        7,
+        leave_one_out=leave_one_out,
+    )
+    assert abs(found - expected) < 1e-9
+
+
+def test_knn_auc_one_class_is_nan() -> None:
+    features, labels = _clusters(10, seed=0)
+    ones = torch.ones(4, dtype=torch.long)
+    assert math.isnan(knn_roc_auc(features, labels, features[:4], ones, k=3))
+
+
+def test_knn_auc_rejects_multiclass() -> None:
+    features, labels = _clusters(10, seed=0)
+    with pytest.raises(ValueError, match=r"contains \[2\]"):
+        knn_roc_auc(features, labels + labels, features, labels, k=3)
 
 
 def test_split_halves_partition() -> None:
