@@ -146,6 +146,12 @@ class PretrainConfig(_Section):
     accelerator: str = Field("auto", description="Lightning accelerator: auto, cpu or gpu.")
     devices: int | str = "auto"
     strategy: str = Field("auto", description="Lightning strategy, e.g. ddp.")
+    # Mixed precision only, because "bf16-true" and "16-true" cast the weights and the queue.
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = Field(
+        "auto",
+        description="Lightning precision. auto is bf16-mixed on a GPU and 32-true on a CPU, "
+        "and 16-mixed needs a GPU.",
+    )
     seed: int = 0
     shuffle_bn_splits: int = Field(
         2,

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.accelerators import CPUAccelerator
 from pytorch_lightning.callbacks import Checkpoint
 from torch.utils.data import DataLoader
 
@@ -63,6 +64,11 @@ def _batches_before(dataset: CutoutBatches, epoch: int) -> int:
     return sum(dataset.batches_in_epoch(e) for e in range(epoch))
 
 
+def _train_dataset(trainer: pl.Trainer) -> CutoutBatches:
+    """Return the dataset of the DataLoader that ``trainer.fit`` iterates."""
+    return trainer.train_dataloader.dataset  # type: ignore[union-attr]
+
+
 class _EpochData(pl.Callback):
     """Point the dataset at the current epoch and skip the batches a resumed epoch already ran.
 
@@ -71,17 +77,12 @@ class _EpochData(pl.Callback):
     DataLoader iterator of the epoch starts.
     """
 
-    def __init__(self, dataset: CutoutBatches) -> None:
-        self.dataset = dataset
-
     def _point_dataset(self, trainer: pl.Trainer) -> None:
-        epoch = trainer.current_epoch
-        self.dataset.set_epoch(epoch)
-        self.dataset.skip_batches = max(
-            0, trainer.global_step - _batches_before(self.dataset, epoch)
-        )
-        if self.dataset.skip_batches:
-            logger.debug("resuming epoch %d after %d batches", epoch, self.dataset.skip_batches)
+        dataset, epoch = _train_dataset(trainer), trainer.current_epoch
+        dataset.set_epoch(epoch)
+        dataset.skip_batches = max(0, trainer.global_step - _batches_before(dataset, epoch))
+        if dataset.skip_batches:
+            logger.debug("resuming epoch %d after %d batches", epoch, dataset.skip_batches)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._point_dataset(trainer)
@@ -97,20 +98,19 @@ class _LastCheckpoint(Checkpoint):
     that epoch (see :class:`_EpochData`) instead of starting the next one. Lightning's
     ``ModelCheckpoint`` would also save when the cut-short epoch ends, which marks it finished.
     As a :class:`Checkpoint` subclass it runs after the module's ``on_train_epoch_end``, so the
-    saved history includes the epoch just ended.
+    saved history includes the epoch just ended. Every DDP process calls
+    ``trainer.save_checkpoint``, which writes the file on rank 0 only.
     """
 
-    def __init__(
-        self, url: str, dataset: CutoutBatches, *, max_steps: int, every_n_steps: int
-    ) -> None:
+    def __init__(self, url: str, *, max_steps: int, every_n_steps: int) -> None:
         self.url = url
-        self.dataset = dataset
         self.max_steps = max_steps
         self.every_n_steps = every_n_steps
 
     def _save(self, trainer: pl.Trainer) -> None:
         trainer.save_checkpoint(self.url)
-        logger.debug("saved %s at step %d", self.url, trainer.global_step)
+        if trainer.is_global_zero:
+            logger.debug("saved %s at step %d", self.url, trainer.global_step)
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         step = trainer.global_step
@@ -120,24 +120,72 @@ class _LastCheckpoint(Checkpoint):
             self._save(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        epoch = trainer.current_epoch
-        done_in_epoch = trainer.global_step - _batches_before(self.dataset, epoch)
-        if done_in_epoch >= self.dataset.batches_in_epoch(epoch):
+        dataset, epoch = _train_dataset(trainer), trainer.current_epoch
+        done_in_epoch = trainer.global_step - _batches_before(dataset, epoch)
+        if done_in_epoch >= dataset.batches_in_epoch(epoch):
             self._save(trainer)
 
 
 def _trainer_device(config: PretrainConfig) -> tuple[str, str]:
-    """Return the Lightning accelerator and precision: bf16 autocast on GPUs, float32 on CPUs."""
+    """Resolve the Lightning accelerator and precision.
+
+    ``precision="auto"`` becomes bf16 autocast (``"bf16-mixed"``) on a GPU and float32
+    (``"32-true"``) on a CPU.
+
+    Raises
+    ------
+    ConfigError
+        If a GPU is requested but none is available, or float16 autocast is requested on a CPU.
+    """
     accelerator = config.accelerator
     if accelerator == "auto":
         accelerator = "gpu" if torch.cuda.is_available() else "cpu"
-    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+    on_gpu = accelerator in ("gpu", "cuda")
+    if on_gpu and not torch.cuda.is_available():
         raise ConfigError(
             f"pretrain.accelerator is {config.accelerator!r} but no CUDA GPU is available; "
             "use 'cpu'"
         )
-    precision = "bf16-mixed" if accelerator in ("gpu", "cuda") else "32-true"
+
+    precision = config.precision
+    if precision == "auto":
+        precision = "bf16-mixed" if on_gpu else "32-true"
+    if precision == "16-mixed" and not on_gpu:
+        raise ConfigError(
+            f"pretrain.precision is '16-mixed' but the accelerator is {accelerator!r}; float16 "
+            "autocast needs a GPU, so use 'bf16-mixed' or '32-true' on a CPU"
+        )
     return accelerator, precision
+
+
+def _build_trainer(
+    config: PretrainConfig,
+    run_dir: str,
+    checkpoint_url: str,
+    callbacks: Sequence[pl.Callback],
+) -> pl.Trainer:
+    """Build the Lightning trainer, whose rank and world size are set before ``fit`` starts."""
+    accelerator, precision = _trainer_device(config)
+    checkpoints = _LastCheckpoint(
+        checkpoint_url,
+        max_steps=config.max_steps,
+        every_n_steps=config.checkpoint_every_n_steps,
+    )
+    return pl.Trainer(
+        accelerator=accelerator,
+        devices=config.devices,
+        strategy=config.strategy,
+        precision=precision,
+        max_epochs=config.epochs,
+        max_steps=config.max_steps,
+        callbacks=[_EpochData(), checkpoints, *callbacks],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+        default_root_dir=run_dir if not storage.is_remote(run_dir) else None,
+    )
 
 
 def pretrain(
@@ -152,6 +200,11 @@ def pretrain(
     callbacks: Sequence[pl.Callback] = (),
 ) -> PretrainResult:
     """Train an encoder with MoCo v2 on the OK rows of a cutout store.
+
+    With ``pretrain.strategy="ddp"``, Lightning starts one process per further device by running
+    the command line of this program again (``sys.argv``), so call this function from a script
+    or command whose rerun reaches it with the same arguments. Every process returns a result.
+    Rank 0 alone writes the checkpoint and the encoder export.
 
     Parameters
     ----------
@@ -180,12 +233,21 @@ def pretrain(
     StoreIncompleteError
         If the store has unfinished shards and ``allow_incomplete`` is False.
     ConfigError
-        If the queue size is not a multiple of the global batch size, or the store has fewer OK
-        rows than one batch.
+        If the queue size is not a multiple of the global batch size (``batch_size`` times the
+        number of processes), the store has fewer OK rows than one batch for each DataLoader
+        worker of each process, or the precision does not suit the accelerator.
     """
     group = stores.open_store(cutouts_url, "cutouts", storage_options=storage_options)
     if not allow_incomplete:
         stores.require_complete(group, cutouts_url)
+
+    # Trainer first, because the dataset deals shards by DDP rank. Under strategy="ddp",
+    # Lightning runs this program again for every other rank when fit() starts.
+    # NOTE: Lightning writes and reads checkpoints through fsspec without storage_options, so a
+    # remote run_dir relies on the environment's default credentials and endpoint.
+    checkpoint_url = storage.join_url(run_dir, "checkpoints", "last.ckpt")
+    trainer = _build_trainer(pretrain, run_dir, checkpoint_url, callbacks)
+    MoCoV2.check_queue_size(pretrain, trainer.world_size)
 
     # Data: full batches read shard by shard, and the labelled rows for the k-NN monitor.
     dataset = CutoutBatches(
@@ -196,12 +258,18 @@ def pretrain(
         magnitude_column=pretrain.magnitude_column,
         shuffle_shards=pretrain.shuffle_shards,
         num_workers=pretrain.num_workers,
+        rank=trainer.global_rank,
+        world_size=trainer.world_size,
     )
     epoch_steps = [dataset.batches_in_epoch(epoch) for epoch in range(pretrain.epochs)]
     if min(epoch_steps) == 0:
+        readers = max(1, pretrain.num_workers) * trainer.world_size
         raise ConfigError(
             f"{cutouts_url!r} has {dataset.ok_rows.size} OK rows, fewer than one batch of "
-            f"{pretrain.batch_size} per worker; lower pretrain.batch_size or pretrain.num_workers"
+            f"{pretrain.batch_size} for each of its {readers} readers ({trainer.world_size} "
+            f"processes x {max(1, pretrain.num_workers)} DataLoader workers). Each reader takes "
+            f"whole shards of {dataset.shard_rows} rows, so lower pretrain.batch_size, "
+            "pretrain.num_workers or pretrain.devices"
         )
     # The cosine schedule spans all epochs. max_steps only stops early, so a run stopped at
     # max_steps and resumed with a larger one follows the same learning rates as one run.
@@ -226,43 +294,16 @@ def pretrain(
     )
     model.monitor_data = monitor
 
-    # NOTE: Lightning writes and reads checkpoints through fsspec without storage_options, so a
-    # remote run_dir relies on the environment's default credentials and endpoint.
-    checkpoint_dir = storage.join_url(run_dir, "checkpoints")
-    checkpoint_url = storage.join_url(checkpoint_dir, "last.ckpt")
     ckpt_path = (
         checkpoint_url if resume and storage.exists(checkpoint_url, storage_options) else None
     )
-    if ckpt_path:
+    if ckpt_path and trainer.is_global_zero:
         logger.info("resuming pretraining from %s", ckpt_path)
-
-    accelerator, precision = _trainer_device(pretrain)
-    checkpoints = _LastCheckpoint(
-        checkpoint_url,
-        dataset,
-        max_steps=pretrain.max_steps,
-        every_n_steps=pretrain.checkpoint_every_n_steps,
-    )
-    trainer = pl.Trainer(
-        accelerator=accelerator,
-        devices=pretrain.devices,
-        strategy=pretrain.strategy,
-        precision=precision,
-        max_epochs=pretrain.epochs,
-        max_steps=pretrain.max_steps,
-        callbacks=[_EpochData(dataset), checkpoints, *callbacks],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        log_every_n_steps=1,
-        default_root_dir=run_dir if not storage.is_remote(run_dir) else None,
-    )
     loader = DataLoader(
         dataset,
         batch_size=None,
         num_workers=pretrain.num_workers,
-        pin_memory=accelerator != "cpu",
+        pin_memory=not isinstance(trainer.accelerator, CPUAccelerator),
     )
 
     # Train. Lightning's warnings about few workers, an IterableDataset with a length and a
@@ -276,7 +317,7 @@ def pretrain(
         )
         trainer.fit(model, train_dataloaders=loader, ckpt_path=ckpt_path)
 
-    # Export the query encoder with the whole configuration.
+    # Export the query encoder with the whole configuration. Only rank 0 writes it.
     encoder_url = storage.join_url(run_dir, "encoder.pt")
     if trainer.is_global_zero:
         export_encoder(
@@ -293,9 +334,9 @@ def pretrain(
             },
             storage_options=storage_options,
         )
-    logger.info(
-        "pretraining finished after %d steps; encoder at %s", trainer.global_step, encoder_url
-    )
+        logger.info(
+            "pretraining finished after %d steps; encoder at %s", trainer.global_step, encoder_url
+        )
 
     return PretrainResult(
         encoder_url=encoder_url,

@@ -294,6 +294,15 @@ def labelled_knn_accuracy(
     )
 
 
+def _unit_float32(projection: Tensor) -> Tensor:
+    """Cast (B, P) projections to float32 and L2-normalise them again.
+
+    Under bf16 autocast the encoder normalises in bfloat16, which leaves norms a few tenths of a
+    percent off 1, but the loss and the queue need unit vectors.
+    """
+    return F.normalize(projection.float(), dim=1)
+
+
 class MoCoV2(pl.LightningModule):
     """MoCo v2 pretraining of an :class:`~lensminer.models.encoder.Encoder`.
 
@@ -369,15 +378,24 @@ class MoCoV2(pl.LightningModule):
 
     # ------------------------------------------------------------------ set-up
 
-    def setup(self, stage: str) -> None:
-        global_batch = self.config.batch_size * self.trainer.world_size
-        if self.config.queue_size % global_batch:
-            suggestion = global_batch * max(1, self.config.queue_size // global_batch)
+    @staticmethod
+    def check_queue_size(config: PretrainConfig, world_size: int) -> None:
+        """Raise :class:`ConfigError` unless the queue size is a multiple of the global batch.
+
+        Each step writes the keys of every process's batch, ``batch_size * world_size``
+        columns, as one block that must end at or before the last column of the queue.
+        """
+        global_batch = config.batch_size * world_size
+        if config.queue_size % global_batch:
+            suggestion = global_batch * max(1, config.queue_size // global_batch)
             raise ConfigError(
-                f"pretrain.queue_size ({self.config.queue_size}) must be a multiple of the global "
-                f"batch size ({self.config.batch_size} x {self.trainer.world_size} processes = "
-                f"{global_batch}); choose e.g. queue_size={suggestion}"
+                f"pretrain.queue_size ({config.queue_size}) must be a multiple of the global "
+                f"batch size ({config.batch_size} x {world_size} processes = {global_batch}); "
+                f"choose e.g. queue_size={suggestion}"
             )
+
+    def setup(self, stage: str) -> None:
+        self.check_queue_size(self.config, self.trainer.world_size)
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = torch.optim.SGD(
@@ -436,14 +454,14 @@ class MoCoV2(pl.LightningModule):
         world_size, batch = self.trainer.world_size, view_k.shape[0]
         generator = self._step_generator(per_rank=False)
 
-        # NOTE: no test runs this multi-process branch, because the suite uses one CPU process.
-        # It follows the gather, shuffle and unshuffle of the reference MoCo implementation.
+        # Every process draws the same permutation (the generator ignores the rank), embeds
+        # its slice of the shuffled views, and scatters the gathered keys back to image order.
         if world_size > 1:
-            views = self.all_gather(view_k).flatten(0, 1)  # (W * B, 3, H, W)
+            views = self._all_gather(view_k)  # (W * B, 3, H, W), rank r's images at r * B
             order = torch.randperm(views.shape[0], generator=generator, device=self.device)
             mine = order.view(world_size, batch)[self.global_rank]
             keys = self.encoder_k(views[mine].contiguous(memory_format=torch.channels_last))[1]
-            shuffled = self.all_gather(keys).flatten(0, 1)  # keys of views[order]
+            shuffled = self._all_gather(_unit_float32(keys))  # row i: key of views[order[i]]
             all_keys = torch.empty_like(shuffled)
             all_keys[order] = shuffled
             start = self.global_rank * batch
@@ -452,11 +470,19 @@ class MoCoV2(pl.LightningModule):
         order = torch.randperm(batch, generator=generator, device=self.device)
         splits = min(self.config.shuffle_bn_splits, batch)
         chunks = [self.encoder_k(view_k[part])[1] for part in order.tensor_split(splits)]
-        keys = torch.empty(
-            batch, self.config.projection_dim, device=self.device, dtype=chunks[0].dtype
-        )
-        keys[order] = torch.cat(chunks)
+        keys = torch.empty(batch, self.config.projection_dim, device=self.device)
+        keys[order] = _unit_float32(torch.cat(chunks))
         return keys, keys
+
+    def _all_gather(self, tensor: Tensor) -> Tensor:
+        """Concatenate the (B, ...) ``tensor`` of every process, in rank order, to (W * B, ...).
+
+        Every process must pass the same shape and dtype.
+        """
+        tensor = tensor.contiguous()
+        parts = [torch.empty_like(tensor) for _ in range(self.trainer.world_size)]
+        torch.distributed.all_gather(parts, tensor)
+        return torch.cat(parts)
 
     @torch.no_grad()
     def _enqueue(self, keys: Tensor) -> None:
@@ -472,7 +498,7 @@ class MoCoV2(pl.LightningModule):
         local_keys, all_keys = self._keys(view_k)
 
         loss = info_nce_loss(
-            query.float(), local_keys.float(), self.queue.clone(), self.config.temperature
+            _unit_float32(query), local_keys, self.queue.clone(), self.config.temperature
         )
         self._enqueue(all_keys)
 
@@ -482,23 +508,36 @@ class MoCoV2(pl.LightningModule):
 
     # ------------------------------------------------------------------ epochs
 
+    def _step_losses(self) -> Tensor:
+        """Return the (S,) float32 losses of this epoch's steps, averaged over processes.
+
+        Every process has run the same number of steps, because the dataset gives every rank
+        the same number of batches.
+        """
+        if not self._epoch_loss:
+            return torch.empty(0, device=self.device)
+        losses = torch.stack([loss.to(self.device) for loss in self._epoch_loss]).float()
+        if self.trainer.world_size > 1:
+            losses = self._all_gather(losses[None]).mean(dim=0)
+        return losses
+
     def on_train_epoch_end(self) -> None:
         # The losses of a run resumed mid-epoch include those restored from the checkpoint.
-        losses = [loss.to(self.device) for loss in self._epoch_loss]
+        losses = self._step_losses()
         self._epoch_loss = []
-        nan = torch.tensor(float("nan"), device=self.device)
-        loss = torch.stack(losses).mean() if losses else nan
-        if self.trainer.world_size > 1:
-            loss = self.all_gather(loss.to(self.device)).mean()
-        self.history["loss"].append(float(loss))
+        loss = float(losses.mean()) if losses.numel() else float("nan")
+        self.history["loss"].append(loss)
 
-        accuracy = self._knn_monitor()
+        # Rank 0 measures the k-NN accuracy and sends it to the others, so that every rank
+        # keeps the same history.
+        accuracy = self._knn_monitor() if self.trainer.is_global_zero else float("nan")
+        if self.trainer.world_size > 1:
+            accuracy = float(self.trainer.strategy.broadcast(accuracy, src=0))
         self.history["knn_accuracy"].append(accuracy)
         if not math.isnan(accuracy):
-            self.log("knn_accuracy", accuracy, rank_zero_only=True)
-        logger.debug(
-            "epoch %d: loss %.4f, k-NN accuracy %.3f", self.current_epoch, float(loss), accuracy
-        )
+            # Every rank has the same value, so the mean over ranks changes nothing.
+            self.log("knn_accuracy", accuracy, sync_dist=True)
+        logger.debug("epoch %d: loss %.4f, k-NN accuracy %.3f", self.current_epoch, loss, accuracy)
 
     def _knn_monitor(self) -> float:
         """Return the k-NN accuracy on the labelled rows (half as reference, half as test)."""
@@ -515,10 +554,15 @@ class MoCoV2(pl.LightningModule):
         )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Under DDP every process runs this hook, so the collective in _step_losses is safe.
         checkpoint["lensminer_history"] = {
             name: list(values) for name, values in self.history.items()
         }
+        checkpoint["lensminer_epoch_losses"] = self._step_losses().tolist()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         stored = checkpoint.get("lensminer_history", {})
         self.history = {name: list(stored.get(name, [])) for name in ("loss", "knn_accuracy")}
+        self._epoch_loss = [
+            torch.tensor(loss) for loss in checkpoint.get("lensminer_epoch_losses", [])
+        ]

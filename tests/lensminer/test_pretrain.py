@@ -7,13 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
+from torch import nn
 
 from lensminer import stores
-from lensminer.config import AugmentConfig, PretrainConfig
+from lensminer.config import AugmentConfig, PretrainConfig, load_config
 from lensminer.exceptions import ConfigError, StoreIncompleteError
 from lensminer.models.encoder import load_encoder
-from lensminer.pretrain import pretrain
+from lensminer.pretrain import _trainer_device, pretrain
 
 # Small views (32 px crops of 40 px cutouts) keep a CPU step well under a second.
 AUGMENT = AugmentConfig(crop_size=32, jitter=2)
@@ -86,12 +88,16 @@ def test_resumed_run_equals_uninterrupted(tmp_path: Path) -> None:
     # 16 rows in batches of 4 make 4 steps an epoch: stop at step 3, mid-epoch, and resume to 6.
     url = _store(str(tmp_path / "c.zarr"))
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    pretrain(url, str(straight), CONFIG.model_copy(update={"max_steps": 6}), AUGMENT)
+    uninterrupted = pretrain(
+        url, str(straight), CONFIG.model_copy(update={"max_steps": 6}), AUGMENT
+    )
     first = pretrain(url, str(resumed), CONFIG.model_copy(update={"max_steps": 3}), AUGMENT)
     second = pretrain(url, str(resumed), CONFIG.model_copy(update={"max_steps": 6}), AUGMENT)
 
     assert first.steps == 3
     assert second.steps == 6
+    # The checkpoint keeps the losses of the steps before the cut, so epoch means agree.
+    assert second.losses == pytest.approx(uninterrupted.losses, rel=1e-5)
     expected, found = _checkpoint_state(straight), _checkpoint_state(resumed)
     assert expected.keys() == found.keys()
     for name in (
@@ -123,6 +129,19 @@ def test_queue_size_not_multiple_of_batch(tmp_path: Path) -> None:
         pretrain(url, str(tmp_path / "run"), config, AUGMENT)
 
 
+def test_ddp_queue_size_error(tmp_path: Path) -> None:
+    # The check runs before fit(), so no second process starts.
+    url = _store(str(tmp_path / "c.zarr"))
+    config = CONFIG.model_copy(
+        update={"queue_size": 12, "strategy": "ddp", "devices": 2, "accelerator": "cpu"}
+    )
+    expected = (
+        r"queue_size \(12\) must be a multiple of the global batch size \(4 x 2 processes = 8\)"
+    )
+    with pytest.raises(ConfigError, match=expected):
+        pretrain(url, str(tmp_path / "run"), config, AUGMENT)
+
+
 def test_incomplete_store_rejected(tmp_path: Path) -> None:
     url = _store(str(tmp_path / "c.zarr"), done=False)
     with pytest.raises(StoreIncompleteError, match="2 of 2 shards"):
@@ -133,3 +152,56 @@ def test_too_few_rows_for_a_batch(tmp_path: Path) -> None:
     url = _store(str(tmp_path / "c.zarr"), n_rows=3)
     with pytest.raises(ConfigError, match="fewer than one batch"):
         pretrain(url, str(tmp_path / "run"), CONFIG, AUGMENT)
+
+
+class _AutocastProbe(pl.Callback):
+    """Record the dtype of the query backbone's output in every training forward pass."""
+
+    def __init__(self) -> None:
+        self.dtypes: list[torch.dtype] = []
+
+    def _record(self, module: nn.Module, inputs: object, output: torch.Tensor) -> None:
+        if module.training:  # the k-NN monitor embeds in eval mode, outside autocast
+            self.dtypes.append(output.dtype)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pl_module.encoder_q.backbone.register_forward_hook(self._record)
+
+
+def test_bf16_mixed_cpu_run(tmp_path: Path) -> None:
+    url = _store(str(tmp_path / "c.zarr"))
+    config = CONFIG.model_copy(
+        update={"precision": "bf16-mixed", "accelerator": "cpu", "epochs": 1}
+    )
+    probe = _AutocastProbe()
+    result = pretrain(url, str(tmp_path / "run"), config, AUGMENT, callbacks=[probe])
+
+    assert probe.dtypes == [torch.bfloat16] * 4
+    assert len(result.losses) == 1
+    assert math.isfinite(result.losses[0])
+    state = _checkpoint_state(tmp_path / "run")
+    assert state["queue"].dtype == torch.float32
+    assert bool(state["queue"].isfinite().all())
+    torch.testing.assert_close(state["queue"].norm(dim=0), torch.ones(16))
+
+    encoder = load_encoder(result.encoder_url)
+    assert {parameter.dtype for parameter in encoder.parameters()} == {torch.float32}
+    assert encoder.pretrain_config.precision == "bf16-mixed"
+    with torch.no_grad():
+        representation, _ = encoder(torch.rand(2, 3, 32, 32))
+    assert representation.dtype == torch.float32
+
+
+def test_precision_auto_on_cpu() -> None:
+    assert _trainer_device(CONFIG.model_copy(update={"accelerator": "cpu"})) == ("cpu", "32-true")
+
+
+def test_fp16_mixed_on_cpu_rejected() -> None:
+    config = CONFIG.model_copy(update={"accelerator": "cpu", "precision": "16-mixed"})
+    with pytest.raises(ConfigError, match="'16-mixed'.*needs a GPU.*'bf16-mixed'"):
+        _trainer_device(config)
+
+
+def test_unknown_precision_rejected() -> None:
+    with pytest.raises(ConfigError, match="pretrain.precision = 'bf16'"):
+        load_config(None, {"pretrain.precision": "bf16"})

@@ -15,6 +15,7 @@ from torch import nn
 from lensminer.augment import evaluation_view
 from lensminer.config import AugmentConfig, PretrainConfig
 from lensminer.datasets import LabelledSubset
+from lensminer.exceptions import ConfigError
 from lensminer.models.encoder import build_encoder
 from lensminer.models.moco import (
     MoCoV2,
@@ -332,3 +333,37 @@ def test_labelled_knn_uses_split_halves() -> None:
         representation[reference], labels[reference], representation[test], labels[test], 3
     )
     assert found == expected
+
+
+# ------------------------------------------------------------------ MoCoV2 under DDP and bf16
+
+
+def test_queue_check_names_global_batch() -> None:
+    # CONFIG has queue_size 12 and batch_size 4.
+    expected = r"\(4 x 2 processes = 8\); choose e.g. queue_size=8"
+    with pytest.raises(ConfigError, match=expected):
+        MoCoV2.check_queue_size(CONFIG, world_size=2)
+
+
+def test_queue_check_accepts_multiple() -> None:
+    MoCoV2.check_queue_size(CONFIG, world_size=3)
+
+
+def test_keys_unit_float32_under_bf16() -> None:
+    model = _module()
+    views = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        local_keys, _ = model._keys(views)
+    assert local_keys.dtype == torch.float32
+    torch.testing.assert_close(local_keys.norm(dim=1), torch.ones(4))
+
+
+def test_epoch_losses_survive_checkpoint() -> None:
+    model = _module()
+    model._epoch_loss = [torch.tensor(1.0), torch.tensor(3.0)]
+    checkpoint: dict[str, object] = {}
+    model.on_save_checkpoint(checkpoint)
+
+    restored = _module()
+    restored.on_load_checkpoint(checkpoint)
+    assert restored._step_losses().tolist() == [1.0, 3.0]
