@@ -145,7 +145,13 @@ class PretrainConfig(_Section):
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
     accelerator: str = Field("auto", description="Lightning accelerator: auto, cpu or gpu.")
     devices: int | str = "auto"
-    strategy: str = Field("auto", description="Lightning strategy, e.g. ddp.")
+    # ddp_spawn and ddp_fork are excluded. Their ranks copy a dataset built before the rank is
+    # known, and the calling process gets neither the step count nor the loss history back.
+    strategy: Literal["auto", "ddp"] = Field(
+        "auto",
+        description="Lightning strategy. ddp starts one process per device by running the "
+        "command again for each further rank.",
+    )
     # Mixed precision only, because "bf16-true" and "16-true" cast the weights and the queue.
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = Field(
         "auto",

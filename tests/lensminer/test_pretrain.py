@@ -202,6 +202,11 @@ def test_fp16_mixed_on_cpu_rejected() -> None:
         _trainer_device(config)
 
 
+def test_spawn_strategy_rejected() -> None:
+    with pytest.raises(ConfigError, match="pretrain.strategy = 'ddp_spawn'"):
+        load_config(None, {"pretrain.strategy": "ddp_spawn"})
+
+
 def test_unknown_precision_rejected() -> None:
     with pytest.raises(ConfigError, match="pretrain.precision = 'bf16'"):
         load_config(None, {"pretrain.precision": "bf16"})
