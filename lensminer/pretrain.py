@@ -18,6 +18,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.accelerators import CPUAccelerator
 from pytorch_lightning.callbacks import Checkpoint
+from pytorch_lightning.strategies.launchers import _MultiProcessingLauncher
 from torch.utils.data import DataLoader
 
 from lensminer import storage, stores
@@ -164,14 +165,21 @@ def _build_trainer(
     checkpoint_url: str,
     callbacks: Sequence[pl.Callback],
 ) -> pl.Trainer:
-    """Build the Lightning trainer, whose rank and world size are set before ``fit`` starts."""
+    """Build the Lightning trainer, whose rank and world size are set before ``fit`` starts.
+
+    Raises
+    ------
+    ConfigError
+        If the configuration does not suit the machine (see :func:`_trainer_device`), or
+        Lightning would fork or spawn the DDP processes.
+    """
     accelerator, precision = _trainer_device(config)
     checkpoints = _LastCheckpoint(
         checkpoint_url,
         max_steps=config.max_steps,
         every_n_steps=config.checkpoint_every_n_steps,
     )
-    return pl.Trainer(
+    trainer = pl.Trainer(
         accelerator=accelerator,
         devices=config.devices,
         strategy=config.strategy,
@@ -186,6 +194,16 @@ def _build_trainer(
         log_every_n_steps=1,
         default_root_dir=run_dir if not storage.is_remote(run_dir) else None,
     )
+
+    # strategy="auto" picks ddp_fork for several devices in an interactive session (Lightning
+    # 2.6). Forked or spawned ranks copy a dataset built before the rank is known.
+    if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
+        raise ConfigError(
+            f"pretrain.strategy={config.strategy!r} with devices={config.devices!r} makes "
+            "Lightning fork or spawn its processes, which pretraining does not support; run "
+            "`lensminer pretrain` or a script with strategy 'ddp', or set pretrain.devices=1"
+        )
+    return trainer
 
 
 def pretrain(
@@ -235,7 +253,8 @@ def pretrain(
     ConfigError
         If the queue size is not a multiple of the global batch size (``batch_size`` times the
         number of processes), the store has fewer OK rows than one batch for each DataLoader
-        worker of each process, or the precision does not suit the accelerator.
+        worker of each process, the precision does not suit the accelerator, or Lightning would
+        fork or spawn the DDP processes.
     """
     group = stores.open_store(cutouts_url, "cutouts", storage_options=storage_options)
     if not allow_incomplete:

@@ -207,6 +207,14 @@ def test_spawn_strategy_rejected() -> None:
         load_config(None, {"pretrain.strategy": "ddp_spawn"})
 
 
+def test_forked_processes_rejected(tmp_path: Path) -> None:
+    # model_copy skips validation, as "auto" does when it picks ddp_fork in a notebook.
+    url = _store(str(tmp_path / "c.zarr"))
+    config = CONFIG.model_copy(update={"strategy": "ddp_fork", "devices": 2, "accelerator": "cpu"})
+    with pytest.raises(ConfigError, match="fork or spawn its processes"):
+        pretrain(url, str(tmp_path / "run"), config, AUGMENT)
+
+
 def test_unknown_precision_rejected() -> None:
     with pytest.raises(ConfigError, match="pretrain.precision = 'bf16'"):
         load_config(None, {"pretrain.precision": "bf16"})
