@@ -181,6 +181,8 @@ def pretrain(
     config: ConfigOption = None, sets: SetOption = None, run_dir: RunDirOption = None
 ) -> None:
     """Pretrain the MoCo v2 encoder on RUN_DIR/cutouts.zarr; writes RUN_DIR/encoder.pt."""
+    from pytorch_lightning.utilities import rank_zero_only
+
     from lensminer.pretrain import pretrain as run_pretrain
 
     cfg = _config(config, sets, run_dir=run_dir)
@@ -191,7 +193,9 @@ def pretrain(
         cfg.augment,
         storage_options=cfg.storage.options or None,
     )
-    console.print(f"Encoder: {result.encoder_url} after {result.steps} steps")
+    # Under DDP every rank runs this command; only rank 0 reports.
+    if rank_zero_only.rank == 0:
+        console.print(f"Encoder: {result.encoder_url} after {result.steps} steps")
 
 
 @app.command()

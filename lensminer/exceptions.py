@@ -13,6 +13,7 @@ __all__ = [
     "DownloadError",
     "InvalidQueryError",
     "LensMinerError",
+    "PretrainError",
     "QueryNotFoundError",
     "StoreError",
     "StoreIncompleteError",
@@ -56,6 +57,10 @@ class StoreIncompleteError(StoreError):
 
 class CheckpointError(LensMinerError, ValueError):
     """A model checkpoint or exported encoder is missing, corrupt or incompatible."""
+
+
+class PretrainError(LensMinerError, RuntimeError):
+    """A pretraining process exited with an error or without reporting its result."""
 
 
 class InvalidQueryError(LensMinerError, ValueError):

@@ -9,6 +9,7 @@ from prefect.cache_policies import NO_CACHE
 
 from lensminer.config import AugmentConfig, PretrainConfig
 from lensminer.pretrain import pretrain
+from lensminer.pretrain_process import pretrain_in_subprocess
 from lensminer.tasks._common import as_record
 
 __all__ = ["pretrain_task"]
@@ -23,10 +24,15 @@ def pretrain_task(
     augment: AugmentConfig,
     storage_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Pretrain the MoCo v2 encoder on the cutout store and return where it was exported."""
+    """Pretrain the MoCo v2 encoder on the cutout store and return where it was exported.
+
+    Under DDP the training runs in a child process, because Lightning starts each further rank
+    by rerunning the current command, which here is the whole flow.
+    """
     logger = get_run_logger()
+    train = pretrain_in_subprocess if pretrain_config.strategy == "ddp" else pretrain
     result = as_record(
-        pretrain(cutouts_url, run_dir, pretrain_config, augment, storage_options=storage_options)
+        train(cutouts_url, run_dir, pretrain_config, augment, storage_options=storage_options)
     )
     logger.info("encoder exported to %s after %s steps", result["encoder_url"], result["steps"])
     return result

@@ -1,0 +1,132 @@
+"""Pretraining in a child process, for programs that must not be rerun by DDP.
+
+Lightning's ``ddp`` strategy starts each further rank by running the current command line again.
+A Prefect flow that downloads, pretrains and embeds in one process would then run every stage
+once per rank. :func:`pretrain_in_subprocess` instead starts ``python -m
+lensminer.pretrain_process REQUEST RESULT``, a command that runs :func:`lensminer.pretrain.pretrain`
+and nothing else, so the ranks Lightning relaunches reach the same call.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from pytorch_lightning.utilities import rank_zero_only
+
+from lensminer.config import AugmentConfig, PretrainConfig
+from lensminer.exceptions import PretrainError
+from lensminer.pretrain import PretrainResult, pretrain
+
+__all__ = ["main", "pretrain_in_subprocess"]
+
+logger = logging.getLogger(__name__)
+
+
+def pretrain_in_subprocess(
+    cutouts_url: str,
+    run_dir: str,
+    pretrain: PretrainConfig,
+    augment: AugmentConfig,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    resume: bool = True,
+) -> PretrainResult:
+    """Run :func:`lensminer.pretrain.pretrain` in a new Python process and return its result.
+
+    The child inherits this process's environment, standard output and standard error, so its
+    progress and errors appear where this program's do. The arguments travel in a JSON file that
+    only the current user can read, because ``storage_options`` may contain credentials. The file
+    is deleted when the child exits.
+
+    Parameters
+    ----------
+    cutouts_url, run_dir, pretrain, augment, storage_options, resume
+        As for :func:`lensminer.pretrain.pretrain`.
+
+    Returns
+    -------
+    PretrainResult
+        The result of rank 0.
+
+    Raises
+    ------
+    PretrainError
+        If the child exits with a non-zero status or without writing its result.
+    """
+    request = {
+        "cutouts_url": cutouts_url,
+        "run_dir": run_dir,
+        "pretrain": pretrain.model_dump(mode="json"),
+        "augment": augment.model_dump(mode="json"),
+        "storage_options": storage_options,
+        "resume": resume,
+    }
+
+    with tempfile.TemporaryDirectory(prefix="lensminer-pretrain-") as folder:
+        request_path = Path(folder) / "request.json"
+        result_path = Path(folder) / "result.json"
+        descriptor = os.open(request_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            json.dump(request, file)
+
+        command = [sys.executable, "-m", __name__, str(request_path), str(result_path)]
+        logger.debug("starting the pretraining process for %s: %s", run_dir, command)
+        status = subprocess.run(command, check=False).returncode
+        if status != 0:
+            raise PretrainError(
+                f"the pretraining process for {run_dir} exited with status {status}. Its error "
+                "is printed above. Fix the cause and rerun, and training resumes from the last "
+                "checkpoint"
+            )
+        if not result_path.exists():
+            raise PretrainError(
+                f"the pretraining process for {run_dir} exited without writing its result"
+            )
+        return PretrainResult(**json.loads(result_path.read_text()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the pretraining described by a request file and write rank 0's result.
+
+    Parameters
+    ----------
+    argv
+        ``[REQUEST, RESULT]``: the JSON request written by :func:`pretrain_in_subprocess` and the
+        path to write the result to. Defaults to ``sys.argv[1:]``.
+
+    Returns
+    -------
+    int
+        The exit status, 0.
+    """
+    request_path, result_path = argv if argv is not None else sys.argv[1:]
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    request = json.loads(Path(request_path).read_text())
+
+    result = pretrain(
+        request["cutouts_url"],
+        request["run_dir"],
+        PretrainConfig.model_validate(request["pretrain"]),
+        AugmentConfig.model_validate(request["augment"]),
+        storage_options=request["storage_options"],
+        resume=request["resume"],
+    )
+
+    # Every rank returns a result; rank 0's is written, by rename so that it is whole or absent.
+    if rank_zero_only.rank == 0:
+        partial = Path(f"{result_path}.partial")
+        partial.write_text(json.dumps(asdict(result)))
+        partial.replace(result_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
