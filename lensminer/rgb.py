@@ -10,7 +10,14 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["VIEWER_PLANES", "VIEWER_SCALES", "fits_to_picture", "to_uint8", "viewer_rgb"]
+__all__ = [
+    "VIEWER_PLANES",
+    "VIEWER_SCALES",
+    "fits_to_picture",
+    "to_uint8",
+    "viewer_rgb",
+    "viewer_rgb_inverse",
+]
 
 #: Output plane of each band in (R, G, B) order.
 VIEWER_PLANES: dict[str, int] = {"z": 0, "i": 0, "r": 1, "g": 2}
@@ -95,6 +102,60 @@ def viewer_rgb(
     for index, plane in enumerate(planes):
         rgb[..., plane, :, :] = stretched[..., index, :, :]
     return rgb
+
+
+def viewer_rgb_inverse(
+    rgb: np.ndarray,
+    bands: str = "grz",
+    scales: dict[str, float] | None = None,
+    offset: float = 0.03,
+    q: float = 20.0,
+) -> np.ndarray:
+    """Recover the band fluxes that :func:`viewer_rgb` stretches into an RGB image.
+
+    The stretch multiplies every band by one gain, so the mean of the output planes is
+    ``m = asinh(q * I) / sqrt(q)``. Hence ``I = sinh(sqrt(q) * m) / q``, each band's
+    ``v = plane * I / m``, and ``flux = (v - offset) / scale``. The inverse is exact where no
+    plane was clipped. A plane clipped at 1 comes back as the flux that reaches 1, a band floored
+    at ``v = 0`` comes back as ``-offset / scale``, and black pixels come back at that floor too.
+
+    Parameters
+    ----------
+    rgb
+        Shape ``(..., 3, H, W)``, planes in R, G, B order: float in [0, 1], or uint8 in [0, 255].
+    bands, scales, offset, q
+        As for :func:`viewer_rgb`; each band is read from its colour plane.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 array of shape ``(..., len(bands), H, W)`` in nanomaggies per pixel, bands in
+        ``bands`` order.
+
+    Raises
+    ------
+    ValueError
+        If ``rgb`` does not have 3 planes, or ``bands`` is invalid for :func:`viewer_rgb`.
+    """
+    rgb = np.asarray(rgb)
+    if rgb.ndim < 3 or rgb.shape[-3] != 3:
+        raise ValueError(f"rgb has shape {rgb.shape}, expected (..., 3, H, W) in R, G, B order")
+    unknown = [band for band in bands if band not in VIEWER_PLANES]
+    if unknown:
+        raise ValueError(
+            f"bands {unknown!r} have no viewer colour plane; use bands from 'grz' or 'griz'"
+        )
+    planes = rgb.astype(np.float64) / 255.0 if rgb.dtype == np.uint8 else rgb.astype(np.float64)
+    band_scales = {**VIEWER_SCALES, **(scales or {})}
+
+    # Undo the asinh stretch of the mean brightness, which gives the gain of every plane.
+    mean = planes.mean(axis=-3, keepdims=True)
+    intensity = np.sinh(np.sqrt(q) * mean) / q
+    inverse_gain = np.divide(intensity, mean, out=np.zeros_like(mean), where=mean > 0)
+    scaled = planes * inverse_gain  # (..., 3, H, W), v of the band on each plane
+
+    flux = [(scaled[..., VIEWER_PLANES[band], :, :] - offset) / band_scales[band] for band in bands]
+    return np.stack(flux, axis=-3).astype(np.float32)
 
 
 def to_uint8(rgb: np.ndarray) -> np.ndarray:

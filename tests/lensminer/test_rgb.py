@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from lensminer.rgb import fits_to_picture, to_uint8, viewer_rgb
+from lensminer.rgb import fits_to_picture, to_uint8, viewer_rgb, viewer_rgb_inverse
 
 SCALES = {"g": 6.0, "r": 3.4, "z": 2.2}
 PLANES = {"z": 0, "r": 1, "g": 2}
@@ -72,6 +72,42 @@ def test_viewer_rgb_rejects_band_mismatch() -> None:
 def test_viewer_rgb_rejects_unknown_band() -> None:
     with pytest.raises(ValueError, match="no viewer colour plane"):
         viewer_rgb(np.zeros((3, 4, 4)), bands="gry")
+
+
+def test_inverse_recovers_unclipped_flux() -> None:
+    # Fluxes whose scaled values stay positive and whose planes stay below 1.
+    rng = np.random.default_rng(4)
+    flux = rng.uniform(0.0, 0.05, size=(2, 3, 6, 6))
+    rgb = viewer_rgb(flux, "grz")
+    assert rgb.max() < 1.0
+    np.testing.assert_allclose(viewer_rgb_inverse(rgb, "grz"), flux, rtol=1e-4, atol=1e-6)
+
+
+def test_inverse_then_stretch_is_identity() -> None:
+    rng = np.random.default_rng(5)
+    rgb = rng.integers(0, 256, size=(3, 3, 5, 5), dtype=np.uint8)
+    flux = viewer_rgb_inverse(rgb, "grz")
+    np.testing.assert_allclose(viewer_rgb(flux, "grz") * 255.0, rgb, atol=1e-3)
+
+
+def test_inverse_black_is_floor() -> None:
+    flux = viewer_rgb_inverse(np.zeros((3, 1, 1)), "grz")
+    expected = [-0.03 / SCALES[band] for band in "grz"]
+    np.testing.assert_allclose(flux[:, 0, 0], expected, rtol=1e-6)
+
+
+def test_inverse_grey_pixel_analytic() -> None:
+    # A grey pixel m in every plane has I = sinh(sqrt(q) m) / q and v = I in every band.
+    m, q = 0.4, 20.0
+    flux = viewer_rgb_inverse(np.full((3, 1, 1), m), "grz")
+    intensity = math.sinh(math.sqrt(q) * m) / q
+    expected = [(intensity - 0.03) / SCALES[band] for band in "grz"]
+    np.testing.assert_allclose(flux[:, 0, 0], expected, rtol=1e-6)
+
+
+def test_inverse_rejects_two_planes() -> None:
+    with pytest.raises(ValueError, match=r"expected \(\.\.\., 3, H, W\)"):
+        viewer_rgb_inverse(np.zeros((2, 4, 4)), "grz")
 
 
 def test_to_uint8_rounds_and_clips() -> None:
