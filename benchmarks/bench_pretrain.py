@@ -393,6 +393,12 @@ def main() -> None:
         "--skip-throughput", action="store_true", help="Run only the Galaxy Zoo DECaLS part."
     )
     parser.add_argument(
+        "--num-workers",
+        type=int,
+        default=0,
+        help="DataLoader worker processes of the timed pretraining runs.",
+    )
+    parser.add_argument(
         "--rounds", type=int, default=3, help="Rounds of the three timings, taken in turn."
     )
     parser.add_argument(
@@ -421,6 +427,7 @@ def _throughput(args: argparse.Namespace) -> dict[str, Any]:
         queue_size=args.batch * 32,
         epochs=1,
         max_steps=args.steps + WARMUP_STEPS + 1,
+        num_workers=args.num_workers,
         accelerator="cpu",
     )
     augment = AugmentConfig()
