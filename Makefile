@@ -35,14 +35,15 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 # Each benchmark measures against its baseline in the same run; docs/benchmarks.md has results.
-# The whole set takes about 40 minutes on 2 cores.
+# The whole set takes about 45 minutes on 2 cores.
 bench: install
 	$(PY) benchmarks/bench_sky.py --n 2000
 	$(PY) benchmarks/bench_download.py throughput --n 200 --latency 0.2 --concurrency 32
 	$(PY) benchmarks/bench_download.py memory --counts 1000 20000 --size 32
 	$(PY) benchmarks/bench_bricks.py --per-brick 300 --bricks 2 --latency 0.2
-	$(PY) benchmarks/bench_augment.py --batch 64 --repeats 5
-	$(PY) benchmarks/bench_pretrain.py --rows 512 --batch 32 --steps 12
+	$(PY) benchmarks/bench_augment.py --batch 64 --repeats 9
+	$(PY) benchmarks/bench_pretrain.py --rows 512 --batch 32 --steps 12 --rounds 5
+	$(PY) benchmarks/bench_pretrain.py --skip-throughput --gz-decals $(SHARED_DATA)/gz-decals --gz-flux
 	$(PY) benchmarks/bench_embed.py --rows 4096 --memory-rows 10000 100000
 
 clean:
