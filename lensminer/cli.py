@@ -178,9 +178,22 @@ def download(
 
 @app.command()
 def pretrain(
-    config: ConfigOption = None, sets: SetOption = None, run_dir: RunDirOption = None
+    config: ConfigOption = None,
+    sets: SetOption = None,
+    run_dir: RunDirOption = None,
+    fresh: Annotated[
+        bool,
+        typer.Option(
+            "--fresh",
+            help="Start a new run and overwrite RUN_DIR/checkpoints/last.ckpt instead of "
+            "resuming from it.",
+        ),
+    ] = False,
 ) -> None:
-    """Pretrain the MoCo v2 encoder on RUN_DIR/cutouts.zarr; writes RUN_DIR/encoder.pt."""
+    """Pretrain the MoCo v2 encoder on RUN_DIR/cutouts.zarr; writes RUN_DIR/encoder.pt.
+
+    A rerun resumes from RUN_DIR/checkpoints/last.ckpt when it exists.
+    """
     from pytorch_lightning.utilities import rank_zero_only
 
     from lensminer.pretrain import pretrain as run_pretrain
@@ -192,6 +205,7 @@ def pretrain(
         cfg.pretrain,
         cfg.augment,
         storage_options=cfg.storage.options or None,
+        resume=not fresh,
     )
     # Under DDP every rank runs this command; only rank 0 reports.
     if rank_zero_only.rank == 0:

@@ -277,6 +277,10 @@ class CutoutBatches(IterableDataset):
         """Return the number of batches this rank yields in a whole ``epoch``."""
         return sum(self._batches_per_worker(epoch))
 
+    def rows_in_epoch(self, epoch: int) -> int:
+        """Return the number of rows drawn for ``epoch`` over all ranks, before batching."""
+        return len(self._epoch_rows(epoch))
+
     def __len__(self) -> int:
         # The whole epoch, including skipped batches, because Lightning counts those as done.
         return self.batches_in_epoch(self.epoch)

@@ -9,6 +9,7 @@ query encoder to ``{run_dir}/encoder.pt``. A rerun with ``resume=True`` continue
 from __future__ import annotations
 
 import logging
+import pickle
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from torch.utils.data import DataLoader
 from lensminer import storage, stores
 from lensminer.config import AugmentConfig, PretrainConfig
 from lensminer.datasets import CutoutBatches, load_labelled_subset
-from lensminer.exceptions import ConfigError
+from lensminer.exceptions import CheckpointError, ConfigError
 from lensminer.models.encoder import export_encoder
 from lensminer.models.moco import MoCoV2
 
@@ -107,11 +108,31 @@ class _LastCheckpoint(Checkpoint):
         self.url = url
         self.max_steps = max_steps
         self.every_n_steps = every_n_steps
+        self.saved_step: int | None = None
 
     def _save(self, trainer: pl.Trainer) -> None:
         trainer.save_checkpoint(self.url)
+        self.saved_step = trainer.global_step
         if trainer.is_global_zero:
             logger.debug("saved %s at step %d", self.url, trainer.global_step)
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        # Lightning turns Ctrl-C into exit status 1 and reports it at INFO level only.
+        if isinstance(exception, KeyboardInterrupt) and trainer.is_global_zero:
+            saved = (
+                f"the last checkpoint of this run is at step {self.saved_step}"
+                if self.saved_step is not None
+                else "this run has written no checkpoint"
+            )
+            logger.warning(
+                "pretraining interrupted at step %d, and %s (%s). Rerun the same command to resume "
+                "from the last checkpoint",
+                trainer.global_step,
+                saved,
+                self.url,
+            )
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         step = trainer.global_step
@@ -206,6 +227,60 @@ def _build_trainer(
     return trainer
 
 
+# Settings that shape the model, the queue or the batches: a checkpoint resumes only under the
+# values it was written with.
+RESUME_FIELDS = {
+    "pretrain": ("backbone", "small_stem", "projection_dim", "queue_size", "batch_size", "seed"),
+    "augment": ("crop_size",),
+}
+
+
+def _check_resumable(
+    checkpoint_url: str,
+    pretrain: PretrainConfig,
+    augment: AugmentConfig,
+    storage_options: dict[str, Any] | None,
+) -> int:
+    """Check that a checkpoint can continue under this configuration; return its epochs done.
+
+    Raises
+    ------
+    CheckpointError
+        If the checkpoint cannot be read, or was written with other values of
+        :data:`RESUME_FIELDS`.
+    """
+    try:
+        with storage.open_file(checkpoint_url, "rb", storage_options) as file:
+            checkpoint = torch.load(file, map_location="cpu", weights_only=False)
+        stored = checkpoint["hyper_parameters"]
+        # Every finished epoch appends its mean loss to the stored history.
+        epochs_done = len(checkpoint.get("lensminer_history", {}).get("loss", []))
+    except (OSError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as error:
+        raise CheckpointError(
+            f"cannot read the pretraining checkpoint {checkpoint_url}: {error}. Delete it, or "
+            "start a new run with `lensminer pretrain --fresh`"
+        ) from error
+
+    current = {
+        "pretrain": pretrain.model_dump(mode="json"),
+        "augment": augment.model_dump(mode="json"),
+    }
+    differences = [
+        f"{section}.{name}={stored.get(section, {}).get(name)!r} "
+        f"(this run: {current[section][name]!r})"
+        for section, names in RESUME_FIELDS.items()
+        for name in names
+        if stored.get(section, {}).get(name) != current[section][name]
+    ]
+    if differences:
+        raise CheckpointError(
+            f"the checkpoint {checkpoint_url} was written with {', '.join(differences)}, so "
+            "training cannot resume from it. Rerun with the checkpoint's values, or start a new "
+            "run with `lensminer pretrain --fresh` (resume=False), which overwrites it"
+        )
+    return epochs_done
+
+
 def pretrain(
     cutouts_url: str,
     run_dir: str,
@@ -290,6 +365,22 @@ def pretrain(
             f"whole shards of {dataset.shard_rows} rows, so lower pretrain.batch_size, "
             "pretrain.num_workers or pretrain.devices"
         )
+    # Readers take whole shards and every rank runs the smallest rank's number of batches, so
+    # uneven shares leave rows out of each epoch.
+    used_rows = epoch_steps[0] * pretrain.batch_size * trainer.world_size
+    drawn_rows = dataset.rows_in_epoch(0)
+    if trainer.is_global_zero and used_rows < 0.8 * drawn_rows:
+        logger.warning(
+            "each epoch trains on %d of %d rows: %d processes x %d DataLoader workers take whole "
+            "shards of %d rows, and every process runs as many batches as the one with the "
+            "fewest. Smaller shards (download.shard_rows) or fewer devices or workers use more",
+            used_rows,
+            drawn_rows,
+            trainer.world_size,
+            max(1, pretrain.num_workers),
+            dataset.shard_rows,
+        )
+
     # The cosine schedule spans all epochs. max_steps only stops early, so a run stopped at
     # max_steps and resumed with a larger one follows the same learning rates as one run.
     total_steps = sum(epoch_steps)
@@ -316,8 +407,19 @@ def pretrain(
     ckpt_path = (
         checkpoint_url if resume and storage.exists(checkpoint_url, storage_options) else None
     )
-    if ckpt_path and trainer.is_global_zero:
-        logger.info("resuming pretraining from %s", ckpt_path)
+    if ckpt_path:
+        epochs_done = _check_resumable(ckpt_path, pretrain, augment, storage_options)
+        if trainer.is_global_zero:
+            logger.info("resuming pretraining from %s", ckpt_path)
+            if epochs_done >= pretrain.epochs:
+                logger.warning(
+                    "the checkpoint %s has finished %d epochs and pretrain.epochs is %d, so no "
+                    "step will run. Raise pretrain.epochs to train on, or start a new run with "
+                    "`lensminer pretrain --fresh`",
+                    ckpt_path,
+                    epochs_done,
+                    pretrain.epochs,
+                )
     loader = DataLoader(
         dataset,
         batch_size=None,

@@ -21,8 +21,9 @@ from typing import Any
 
 from pytorch_lightning.utilities import rank_zero_only
 
+from lensminer import exceptions
 from lensminer.config import AugmentConfig, PretrainConfig
-from lensminer.exceptions import PretrainError
+from lensminer.exceptions import LensMinerError, PretrainError
 from lensminer.pretrain import PretrainResult, pretrain
 
 __all__ = ["main", "pretrain_in_subprocess"]
@@ -58,8 +59,11 @@ def pretrain_in_subprocess(
 
     Raises
     ------
+    LensMinerError
+        The error the child raised on purpose, of the same class (e.g. ``ConfigError``).
     PretrainError
-        If the child exits with a non-zero status or without writing its result.
+        If the child exits with a non-zero status for another reason, or without writing its
+        result.
     """
     request = {
         "cutouts_url": cutouts_url,
@@ -80,17 +84,23 @@ def pretrain_in_subprocess(
         command = [sys.executable, "-m", __name__, str(request_path), str(result_path)]
         logger.debug("starting the pretraining process for %s: %s", run_dir, command)
         status = subprocess.run(command, check=False).returncode
+        outcome = json.loads(result_path.read_text()) if result_path.exists() else None
+
+        # An error the child raised on purpose comes back as the same exception class.
+        if outcome is not None and "error" in outcome:
+            error_class = getattr(exceptions, outcome["error"]["type"], PretrainError)
+            raise error_class(outcome["error"]["message"])
         if status != 0:
             raise PretrainError(
                 f"the pretraining process for {run_dir} exited with status {status}. Its error "
                 "is printed above. Fix the cause and rerun, and training resumes from the last "
                 "checkpoint"
             )
-        if not result_path.exists():
+        if outcome is None:
             raise PretrainError(
                 f"the pretraining process for {run_dir} exited without writing its result"
             )
-        return PretrainResult(**json.loads(result_path.read_text()))
+        return PretrainResult(**outcome)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,27 +115,39 @@ def main(argv: list[str] | None = None) -> int:
     Returns
     -------
     int
-        The exit status, 0.
+        The exit status: 0, or 1 after a :class:`~lensminer.exceptions.LensMinerError`, which is
+        logged and written to RESULT for the parent to raise again.
     """
     request_path, result_path = argv if argv is not None else sys.argv[1:]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     request = json.loads(Path(request_path).read_text())
 
-    result = pretrain(
-        request["cutouts_url"],
-        request["run_dir"],
-        PretrainConfig.model_validate(request["pretrain"]),
-        AugmentConfig.model_validate(request["augment"]),
-        storage_options=request["storage_options"],
-        resume=request["resume"],
-    )
+    try:
+        result = pretrain(
+            request["cutouts_url"],
+            request["run_dir"],
+            PretrainConfig.model_validate(request["pretrain"]),
+            AugmentConfig.model_validate(request["augment"]),
+            storage_options=request["storage_options"],
+            resume=request["resume"],
+        )
+    except LensMinerError as error:
+        # Expected failures (settings, stores, checkpoints) go back to the parent to raise.
+        logger.error("%s", error)
+        _write_result(result_path, {"error": {"type": type(error).__name__, "message": str(error)}})
+        return 1
 
-    # Every rank returns a result; rank 0's is written, by rename so that it is whole or absent.
+    # Every rank returns a result, and rank 0's is written.
     if rank_zero_only.rank == 0:
-        partial = Path(f"{result_path}.partial")
-        partial.write_text(json.dumps(asdict(result)))
-        partial.replace(result_path)
+        _write_result(result_path, asdict(result))
     return 0
+
+
+def _write_result(path: str, outcome: dict[str, Any]) -> None:
+    """Write ``outcome`` as JSON by rename, so that the file is whole or absent."""
+    partial = Path(f"{path}.partial")
+    partial.write_text(json.dumps(outcome))
+    partial.replace(path)
 
 
 if __name__ == "__main__":

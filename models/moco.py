@@ -375,6 +375,8 @@ class MoCoV2(pl.LightningModule):
         self.history: dict[str, list[float]] = {"loss": [], "knn_accuracy": []}
         self.monitor_data: LabelledSubset | None = None
         self._epoch_loss: list[Tensor] = []
+        # Epoch of the losses in _epoch_loss, which a checkpoint can carry into the next run.
+        self._loss_epoch: int | None = None
 
     # ------------------------------------------------------------------ set-up
 
@@ -503,6 +505,7 @@ class MoCoV2(pl.LightningModule):
         self._enqueue(all_keys)
 
         self._epoch_loss.append(loss.detach())
+        self._loss_epoch = self.current_epoch
         self.log("train_loss", loss, prog_bar=False, batch_size=view_q.shape[0])
         return loss
 
@@ -521,7 +524,19 @@ class MoCoV2(pl.LightningModule):
             losses = self._all_gather(losses[None]).mean(dim=0)
         return losses
 
+    def on_train_start(self) -> None:
+        # A checkpoint written after the last step of an epoch, but before the epoch's end,
+        # resumes in the next epoch without ending the earlier one (Lightning 2.6 calls neither
+        # on_train_epoch_end nor on_train_epoch_start then), so end it here.
+        if self._epoch_loss and self._loss_epoch is not None:
+            if self._loss_epoch < self.current_epoch:
+                self._end_epoch(self._loss_epoch)
+
     def on_train_epoch_end(self) -> None:
+        self._end_epoch(self.current_epoch)
+
+    def _end_epoch(self, epoch: int) -> None:
+        """Append the epoch's mean loss and k-NN accuracy to the history."""
         # The losses of a run resumed mid-epoch include those restored from the checkpoint.
         losses = self._step_losses()
         self._epoch_loss = []
@@ -537,7 +552,7 @@ class MoCoV2(pl.LightningModule):
         if not math.isnan(accuracy):
             # Every rank has the same value, so the mean over ranks changes nothing.
             self.log("knn_accuracy", accuracy, sync_dist=True)
-        logger.debug("epoch %d: loss %.4f, k-NN accuracy %.3f", self.current_epoch, loss, accuracy)
+        logger.debug("epoch %d: loss %.4f, k-NN accuracy %.3f", epoch, loss, accuracy)
 
     def _knn_monitor(self) -> float:
         """Return the k-NN accuracy on the labelled rows (half as reference, half as test)."""
@@ -559,6 +574,7 @@ class MoCoV2(pl.LightningModule):
             name: list(values) for name, values in self.history.items()
         }
         checkpoint["lensminer_epoch_losses"] = self._step_losses().tolist()
+        checkpoint["lensminer_epoch_losses_epoch"] = self._loss_epoch
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         stored = checkpoint.get("lensminer_history", {})
@@ -566,3 +582,4 @@ class MoCoV2(pl.LightningModule):
         self._epoch_loss = [
             torch.tensor(loss) for loss in checkpoint.get("lensminer_epoch_losses", [])
         ]
+        self._loss_epoch = checkpoint.get("lensminer_epoch_losses_epoch")

@@ -10,13 +10,19 @@ from prefect.cache_policies import NO_CACHE
 from lensminer.config import AugmentConfig, PretrainConfig
 from lensminer.pretrain import pretrain
 from lensminer.pretrain_process import pretrain_in_subprocess
-from lensminer.tasks._common import as_record
+from lensminer.tasks._common import as_record, retry_unless_permanent
 
 __all__ = ["pretrain_task"]
 
 
 # Lightning's last checkpoint in the run directory is the cache: a retry or rerun resumes from it.
-@task(name="pretrain-moco", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
+@task(
+    name="pretrain-moco",
+    retries=1,
+    retry_delay_seconds=10,
+    retry_condition_fn=retry_unless_permanent,
+    cache_policy=NO_CACHE,
+)
 def pretrain_task(
     cutouts_url: str,
     run_dir: str,

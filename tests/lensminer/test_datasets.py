@@ -156,6 +156,17 @@ def test_ranks_get_equal_batches(tmp_path) -> None:
     assert not set(rows[0]) & set(rows[1])
 
 
+def test_uneven_shards_leave_rows_out(tmp_path) -> None:
+    # 24 OK rows in shards of 16 and 8: rank 0 takes 16 rows and rank 1 takes 8, so each rank
+    # runs 2 batches of 4 and 16 of the 24 rows are trained on.
+    url = str(tmp_path / "c.zarr")
+    _make_store(url, n_rows=24, shard_rows=16, failed=())
+    ranks = [CutoutBatches(url, batch_size=4, rank=r, world_size=2) for r in range(2)]
+
+    assert ranks[0].rows_in_epoch(0) == 24
+    assert [dataset.batches_in_epoch(0) for dataset in ranks] == [2, 2]
+
+
 def test_magnitude_weights_flatten_histogram() -> None:
     magnitude = np.array([18.0, 18.1, 18.2, 19.0, np.nan])
     weights = magnitude_weights(magnitude, bin_width=0.5)

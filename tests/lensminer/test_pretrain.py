@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from torch import nn
 
 from lensminer import stores
 from lensminer.config import AugmentConfig, PretrainConfig, load_config
-from lensminer.exceptions import ConfigError, StoreIncompleteError
+from lensminer.exceptions import CheckpointError, ConfigError, StoreIncompleteError
 from lensminer.models.encoder import load_encoder
 from lensminer.pretrain import _trainer_device, pretrain
 
@@ -109,6 +110,100 @@ def test_resumed_run_equals_uninterrupted(tmp_path: Path) -> None:
         torch.testing.assert_close(found[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
     for name in expected:
         torch.testing.assert_close(found[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+class _CrashAtEpochEnd(pl.Callback):
+    """Raise when epoch 0 ends, before the module's epoch-end hook, as a killed process stops.
+
+    Lightning runs this hook of ordinary callbacks before the LightningModule's and the
+    checkpoint callback's, so the last checkpoint is the one written after the epoch's last step.
+    """
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch == 0:
+            raise RuntimeError("crash at the end of epoch 0")
+
+
+@pytest.mark.slow
+def test_resume_after_last_step_of_epoch(tmp_path: Path) -> None:
+    # A checkpoint written at the last step of epoch 0, before the epoch's end, must keep that
+    # epoch's loss and monitor entries apart from epoch 1's when the run resumes.
+    url = _store(str(tmp_path / "c.zarr"))
+    config = CONFIG.model_copy(update={"epochs": 2, "checkpoint_every_n_steps": 4})
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    uninterrupted = pretrain(url, straight, config, AUGMENT)
+    with pytest.raises(RuntimeError, match="crash at the end of epoch 0"):
+        pretrain(url, resumed, config, AUGMENT, callbacks=[_CrashAtEpochEnd()])
+    assert (
+        torch.load(tmp_path / "resumed/checkpoints/last.ckpt", weights_only=False)["global_step"]
+        == 4
+    )
+
+    result = pretrain(url, resumed, config, AUGMENT)
+
+    assert result.steps == 8
+    assert result.epochs == 2
+    assert result.losses == pytest.approx(uninterrupted.losses, rel=1e-5)
+    assert len(result.knn_accuracy) == 2
+
+
+def test_resume_with_other_queue_size(tmp_path: Path) -> None:
+    url = _store(str(tmp_path / "c.zarr"))
+    run_dir = str(tmp_path / "run")
+    pretrain(url, run_dir, CONFIG.model_copy(update={"max_steps": 1}), AUGMENT)
+
+    with pytest.raises(CheckpointError, match=r"pretrain\.queue_size=16 \(this run: 32\)"):
+        pretrain(url, run_dir, CONFIG.model_copy(update={"queue_size": 32}), AUGMENT)
+
+
+def test_resume_finished_run_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    url = _store(str(tmp_path / "c.zarr"))
+    run_dir = str(tmp_path / "run")
+    config = CONFIG.model_copy(update={"epochs": 1})
+    pretrain(url, run_dir, config, AUGMENT)
+
+    with caplog.at_level("WARNING", logger="lensminer.pretrain"):
+        again = pretrain(url, run_dir, config, AUGMENT)
+
+    assert again.steps == 4
+    assert "no step will run" in caplog.text
+
+
+def test_unreadable_checkpoint(tmp_path: Path) -> None:
+    url = _store(str(tmp_path / "c.zarr"))
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"not a checkpoint")
+
+    with pytest.raises(CheckpointError, match="--fresh"):
+        pretrain(url, str(tmp_path / "run"), CONFIG, AUGMENT)
+
+
+class _InterruptAtStep(pl.Callback):
+    """Raise KeyboardInterrupt after a step, as Ctrl-C would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_interrupt_names_checkpoint(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    url = _store(str(tmp_path / "c.zarr"))
+    config = CONFIG.model_copy(update={"checkpoint_every_n_steps": 2})
+    handler = signal.getsignal(signal.SIGINT)
+
+    # Lightning ignores SIGINT while it shuts down, so the test restores the handler.
+    try:
+        with caplog.at_level("WARNING", logger="lensminer.pretrain"), pytest.raises(SystemExit):
+            pretrain(url, str(tmp_path / "run"), config, AUGMENT, callbacks=[_InterruptAtStep(3)])
+    finally:
+        signal.signal(signal.SIGINT, handler)
+
+    assert "interrupted at step 3" in caplog.text
+    assert "checkpoint of this run is at step 2" in caplog.text
 
 
 @pytest.mark.slow

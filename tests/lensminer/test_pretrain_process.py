@@ -10,7 +10,7 @@ import pytest
 
 from lensminer import stores
 from lensminer.config import AugmentConfig, PretrainConfig
-from lensminer.exceptions import PretrainError
+from lensminer.exceptions import PretrainError, StoreNotFoundError
 from lensminer.models.encoder import load_encoder
 from lensminer.pretrain_process import pretrain_in_subprocess
 
@@ -80,7 +80,19 @@ def test_subprocess_ddp_run(tmp_path: Path, ddp_environment: None) -> None:
     assert load_encoder(result.encoder_url) is not None
 
 
-def test_subprocess_failure_raises(tmp_path: Path) -> None:
+def test_subprocess_error_keeps_class(tmp_path: Path) -> None:
     config = CONFIG.model_copy(update={"devices": 1, "strategy": "auto"})
-    with pytest.raises(PretrainError, match="exited with status"):
+    with pytest.raises(StoreNotFoundError, match="no Zarr store"):
         pretrain_in_subprocess(str(tmp_path / "missing.zarr"), str(tmp_path), config, AUGMENT)
+
+
+def test_subprocess_crash_raises(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # An invalid rendezvous port fails inside torch.distributed with a ValueError, which is not
+    # a LensMiner error, so the child exits with a traceback and no result.
+    store_url = str(tmp_path / "cutouts.zarr")
+    _write_store(store_url)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "not-a-port")
+
+    with pytest.raises(PretrainError, match="exited with status"):
+        pretrain_in_subprocess(store_url, str(tmp_path / "run"), CONFIG, AUGMENT)
