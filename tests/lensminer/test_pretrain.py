@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import math
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from lensminer import stores
 from lensminer.config import AugmentConfig, PretrainConfig, load_config
 from lensminer.exceptions import CheckpointError, ConfigError, StoreIncompleteError
 from lensminer.models.encoder import load_encoder
@@ -25,37 +24,6 @@ CONFIG = PretrainConfig(
 )
 
 
-def _store(url: str, n_rows: int = 16, *, done: bool = True) -> str:
-    """Write a FITS store of Gaussian blobs; label 1 marks the wider blobs."""
-    layout = stores.CutoutLayout("grz", 40, 0.262, "fits", "ls-dr9", "http://127.0.0.1/viewer/")
-    label = (np.arange(n_rows) % 2).astype(np.int8)
-    group = stores.create_cutout_store(
-        url,
-        target_id=[f"t{i}" for i in range(n_rows)],
-        ra=np.linspace(10.0, 11.0, n_rows),
-        dec=np.zeros(n_rows),
-        layout=layout,
-        shard_rows=8,
-        chunk_rows=4,
-        columns={
-            "label": label,
-            "ebv": np.full(n_rows, 0.03, np.float32),
-            "psf_fwhm": np.full((n_rows, 3), 1.2, np.float32),
-        },
-    )
-    rng = np.random.default_rng(0)
-    y, x = np.mgrid[-20:20, -20:20] + 0.5
-    width = np.where(label == 1, 6.0, 2.0)[:, None, None]
-    blobs = 0.5 * np.exp(-(x**2 + y**2)[None] / (2 * width**2))
-    images = blobs[:, None] * np.array([0.5, 1.0, 1.5])[None, :, None, None]
-    group["images"][:] = (images + rng.normal(0, 0.005, images.shape)).astype(np.float32)
-    group["status"][:] = np.ones(n_rows, np.uint8)
-    if done:
-        for shard in range(stores.shard_count(n_rows, 8)):
-            stores.mark_shard_done(group, shard)
-    return url
-
-
 def _checkpoint_state(run_dir: Path) -> dict[str, torch.Tensor]:
     checkpoint = torch.load(
         run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
@@ -64,8 +32,8 @@ def _checkpoint_state(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_pretrain_end_to_end(tmp_path: Path) -> None:
-    url = _store(str(tmp_path / "c.zarr"))
+def test_pretrain_end_to_end(tmp_path: Path, blob_store: Callable[..., str]) -> None:
+    url = blob_store(str(tmp_path / "c.zarr"))
     result = pretrain(url, str(tmp_path / "run"), CONFIG, AUGMENT)
 
     assert result.epochs == 2
@@ -85,9 +53,9 @@ def test_pretrain_end_to_end(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_resumed_run_equals_uninterrupted(tmp_path: Path) -> None:
+def test_resumed_run_equals_uninterrupted(tmp_path: Path, blob_store: Callable[..., str]) -> None:
     # 16 rows in batches of 4 make 4 steps an epoch: stop at step 3, mid-epoch, and resume to 6.
-    url = _store(str(tmp_path / "c.zarr"))
+    url = blob_store(str(tmp_path / "c.zarr"))
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     uninterrupted = pretrain(
         url, str(straight), CONFIG.model_copy(update={"max_steps": 6}), AUGMENT
@@ -125,10 +93,10 @@ class _CrashAtEpochEnd(pl.Callback):
 
 
 @pytest.mark.slow
-def test_resume_after_last_step_of_epoch(tmp_path: Path) -> None:
+def test_resume_after_last_step_of_epoch(tmp_path: Path, blob_store: Callable[..., str]) -> None:
     # A checkpoint written at the last step of epoch 0, before the epoch's end, must keep that
     # epoch's loss and monitor entries apart from epoch 1's when the run resumes.
-    url = _store(str(tmp_path / "c.zarr"))
+    url = blob_store(str(tmp_path / "c.zarr"))
     config = CONFIG.model_copy(update={"epochs": 2, "checkpoint_every_n_steps": 4})
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     uninterrupted = pretrain(url, straight, config, AUGMENT)
@@ -147,8 +115,8 @@ def test_resume_after_last_step_of_epoch(tmp_path: Path) -> None:
     assert len(result.knn_accuracy) == 2
 
 
-def test_resume_with_other_queue_size(tmp_path: Path) -> None:
-    url = _store(str(tmp_path / "c.zarr"))
+def test_resume_with_other_queue_size(tmp_path: Path, blob_store: Callable[..., str]) -> None:
+    url = blob_store(str(tmp_path / "c.zarr"))
     run_dir = str(tmp_path / "run")
     pretrain(url, run_dir, CONFIG.model_copy(update={"max_steps": 1}), AUGMENT)
 
@@ -156,8 +124,10 @@ def test_resume_with_other_queue_size(tmp_path: Path) -> None:
         pretrain(url, run_dir, CONFIG.model_copy(update={"queue_size": 32}), AUGMENT)
 
 
-def test_resume_finished_run_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    url = _store(str(tmp_path / "c.zarr"))
+def test_resume_finished_run_warns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, blob_store: Callable[..., str]
+) -> None:
+    url = blob_store(str(tmp_path / "c.zarr"))
     run_dir = str(tmp_path / "run")
     config = CONFIG.model_copy(update={"epochs": 1})
     pretrain(url, run_dir, config, AUGMENT)
@@ -169,8 +139,8 @@ def test_resume_finished_run_warns(tmp_path: Path, caplog: pytest.LogCaptureFixt
     assert "no step will run" in caplog.text
 
 
-def test_unreadable_checkpoint(tmp_path: Path) -> None:
-    url = _store(str(tmp_path / "c.zarr"))
+def test_unreadable_checkpoint(tmp_path: Path, blob_store: Callable[..., str]) -> None:
+    url = blob_store(str(tmp_path / "c.zarr"))
     checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
     checkpoint.parent.mkdir(parents=True)
     checkpoint.write_bytes(b"not a checkpoint")
@@ -190,8 +160,10 @@ class _InterruptAtStep(pl.Callback):
             raise KeyboardInterrupt
 
 
-def test_interrupt_names_checkpoint(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    url = _store(str(tmp_path / "c.zarr"))
+def test_interrupt_names_checkpoint(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, blob_store: Callable[..., str]
+) -> None:
+    url = blob_store(str(tmp_path / "c.zarr"))
     config = CONFIG.model_copy(update={"checkpoint_every_n_steps": 2})
     handler = signal.getsignal(signal.SIGINT)
 
@@ -207,8 +179,8 @@ def test_interrupt_names_checkpoint(tmp_path: Path, caplog: pytest.LogCaptureFix
 
 
 @pytest.mark.slow
-def test_resume_false_starts_over(tmp_path: Path) -> None:
-    url = _store(str(tmp_path / "c.zarr"))
+def test_resume_false_starts_over(tmp_path: Path, blob_store: Callable[..., str]) -> None:
+    url = blob_store(str(tmp_path / "c.zarr"))
     run_dir = str(tmp_path / "run")
     pretrain(url, run_dir, CONFIG.model_copy(update={"max_steps": 2}), AUGMENT)
     again = pretrain(
@@ -217,16 +189,16 @@ def test_resume_false_starts_over(tmp_path: Path) -> None:
     assert again.steps == 2
 
 
-def test_queue_size_not_multiple_of_batch(tmp_path: Path) -> None:
-    url = _store(str(tmp_path / "c.zarr"))
+def test_queue_size_not_multiple_of_batch(tmp_path: Path, blob_store: Callable[..., str]) -> None:
+    url = blob_store(str(tmp_path / "c.zarr"))
     config = CONFIG.model_copy(update={"queue_size": 10})
     with pytest.raises(ConfigError, match=r"queue_size \(10\) must be a multiple .* = 4\)"):
         pretrain(url, str(tmp_path / "run"), config, AUGMENT)
 
 
-def test_ddp_queue_size_error(tmp_path: Path) -> None:
+def test_ddp_queue_size_error(tmp_path: Path, blob_store: Callable[..., str]) -> None:
     # The check runs before fit(), so no second process starts.
-    url = _store(str(tmp_path / "c.zarr"))
+    url = blob_store(str(tmp_path / "c.zarr"))
     config = CONFIG.model_copy(
         update={"queue_size": 12, "strategy": "ddp", "devices": 2, "accelerator": "cpu"}
     )
@@ -237,14 +209,14 @@ def test_ddp_queue_size_error(tmp_path: Path) -> None:
         pretrain(url, str(tmp_path / "run"), config, AUGMENT)
 
 
-def test_incomplete_store_rejected(tmp_path: Path) -> None:
-    url = _store(str(tmp_path / "c.zarr"), done=False)
+def test_incomplete_store_rejected(tmp_path: Path, blob_store: Callable[..., str]) -> None:
+    url = blob_store(str(tmp_path / "c.zarr"), done=False)
     with pytest.raises(StoreIncompleteError, match="2 of 2 shards"):
         pretrain(url, str(tmp_path / "run"), CONFIG, AUGMENT)
 
 
-def test_too_few_rows_for_a_batch(tmp_path: Path) -> None:
-    url = _store(str(tmp_path / "c.zarr"), n_rows=3)
+def test_too_few_rows_for_a_batch(tmp_path: Path, blob_store: Callable[..., str]) -> None:
+    url = blob_store(str(tmp_path / "c.zarr"), n_rows=3)
     with pytest.raises(ConfigError, match="fewer than one batch"):
         pretrain(url, str(tmp_path / "run"), CONFIG, AUGMENT)
 
@@ -263,8 +235,8 @@ class _AutocastProbe(pl.Callback):
         pl_module.encoder_q.backbone.register_forward_hook(self._record)
 
 
-def test_bf16_mixed_cpu_run(tmp_path: Path) -> None:
-    url = _store(str(tmp_path / "c.zarr"))
+def test_bf16_mixed_cpu_run(tmp_path: Path, blob_store: Callable[..., str]) -> None:
+    url = blob_store(str(tmp_path / "c.zarr"))
     config = CONFIG.model_copy(
         update={"precision": "bf16-mixed", "accelerator": "cpu", "epochs": 1}
     )
@@ -302,9 +274,9 @@ def test_spawn_strategy_rejected() -> None:
         load_config(None, {"pretrain.strategy": "ddp_spawn"})
 
 
-def test_forked_processes_rejected(tmp_path: Path) -> None:
+def test_forked_processes_rejected(tmp_path: Path, blob_store: Callable[..., str]) -> None:
     # model_copy skips validation, as "auto" does when it picks ddp_fork in a notebook.
-    url = _store(str(tmp_path / "c.zarr"))
+    url = blob_store(str(tmp_path / "c.zarr"))
     config = CONFIG.model_copy(update={"strategy": "ddp_fork", "devices": 2, "accelerator": "cpu"})
     with pytest.raises(ConfigError, match="fork or spawn its processes"):
         pretrain(url, str(tmp_path / "run"), config, AUGMENT)

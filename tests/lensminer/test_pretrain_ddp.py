@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,6 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from lensminer import stores
 from lensminer.config import AugmentConfig, PretrainConfig
 from lensminer.models.encoder import load_encoder
 
@@ -39,36 +39,6 @@ CONFIG = PretrainConfig(
 )
 STEPS = 2 * N_ROWS // (BATCH * WORLD)
 TIMEOUT_S = 300
-
-
-def _write_store(url: str) -> str:
-    """Write a complete FITS store of noisy Gaussian blobs, where label 1 marks the wider ones."""
-    layout = stores.CutoutLayout("grz", 40, 0.262, "fits", "ls-dr9", "http://127.0.0.1/viewer/")
-    label = (np.arange(N_ROWS) % 2).astype(np.int8)
-    group = stores.create_cutout_store(
-        url,
-        target_id=[f"t{i}" for i in range(N_ROWS)],
-        ra=np.linspace(10.0, 11.0, N_ROWS),
-        dec=np.zeros(N_ROWS),
-        layout=layout,
-        shard_rows=8,
-        chunk_rows=4,
-        columns={
-            "label": label,
-            "ebv": np.full(N_ROWS, 0.03, np.float32),
-            "psf_fwhm": np.full((N_ROWS, 3), 1.2, np.float32),
-        },
-    )
-    rng = np.random.default_rng(3)
-    y, x = np.mgrid[-20:20, -20:20] + 0.5
-    width = np.where(label == 1, 6.0, 2.0)[:, None, None]
-    blobs = 0.5 * np.exp(-(x**2 + y**2)[None] / (2 * width**2))
-    images = blobs[:, None] * np.array([0.5, 1.0, 1.5])[None, :, None, None]
-    group["images"][:] = (images + rng.normal(0, 0.005, images.shape)).astype(np.float32)
-    group["status"][:] = np.ones(N_ROWS, np.uint8)
-    for shard in range(stores.shard_count(N_ROWS, 8)):
-        stores.mark_shard_done(group, shard)
-    return url
 
 
 def _environment() -> dict[str, str]:
@@ -142,9 +112,9 @@ def _train_recorded(store_url: str, run_dir: str, out_dir: str) -> None:
     pretrain(store_url, run_dir, CONFIG, AUGMENT, callbacks=[recorder])
 
 
-def test_ddp_cli_run(tmp_path: Path) -> None:
+def test_ddp_cli_run(tmp_path: Path, blob_store: Callable[..., str]) -> None:
     run_dir = tmp_path / "run"
-    _write_store(str(run_dir / "cutouts.zarr"))
+    blob_store(str(run_dir / "cutouts.zarr"))
     lensminer = Path(sys.executable).with_name("lensminer")
     sets = {
         "pretrain.strategy": "ddp",
@@ -179,8 +149,8 @@ def test_ddp_cli_run(tmp_path: Path) -> None:
     assert projection.shape == (2, 8)
 
 
-def test_ddp_queue_and_keys(tmp_path: Path) -> None:
-    store_url = _write_store(str(tmp_path / "cutouts.zarr"))
+def test_ddp_queue_and_keys(tmp_path: Path, blob_store: Callable[..., str]) -> None:
+    store_url = blob_store(str(tmp_path / "cutouts.zarr"))
     run_dir, out_dir = tmp_path / "run", tmp_path / "records"
     out_dir.mkdir()
     _run([sys.executable, __file__, store_url, str(run_dir), str(out_dir)], tmp_path)

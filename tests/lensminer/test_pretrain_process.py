@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from lensminer import stores
 from lensminer.config import AugmentConfig, PretrainConfig
 from lensminer.exceptions import PretrainError, StoreNotFoundError
 from lensminer.models.encoder import load_encoder
@@ -29,29 +29,6 @@ CONFIG = PretrainConfig(
 )
 
 
-def _write_store(url: str) -> None:
-    """Write a complete FITS store of noisy Gaussian blobs of two widths."""
-    layout = stores.CutoutLayout("grz", 40, 0.262, "fits", "ls-dr9", "http://127.0.0.1/viewer/")
-    group = stores.create_cutout_store(
-        url,
-        target_id=[f"t{i}" for i in range(N_ROWS)],
-        ra=np.linspace(10.0, 11.0, N_ROWS),
-        dec=np.zeros(N_ROWS),
-        layout=layout,
-        shard_rows=8,
-        chunk_rows=4,
-    )
-    rng = np.random.default_rng(2)
-    y, x = np.mgrid[-20:20, -20:20] + 0.5
-    width = np.where(np.arange(N_ROWS) % 2 == 1, 6.0, 2.0)[:, None, None]
-    blobs = 0.5 * np.exp(-(x**2 + y**2)[None] / (2 * width**2))
-    images = blobs[:, None] * np.array([0.5, 1.0, 1.5])[None, :, None, None]
-    group["images"][:] = (images + rng.normal(0, 0.005, images.shape)).astype(np.float32)
-    group["status"][:] = np.ones(N_ROWS, np.uint8)
-    for shard in range(stores.shard_count(N_ROWS, 8)):
-        stores.mark_shard_done(group, shard)
-
-
 @pytest.fixture
 def ddp_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """Point the gloo rendezvous at a free loopback port and keep each rank to one thread."""
@@ -65,9 +42,11 @@ def ddp_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
 
 
-def test_subprocess_ddp_run(tmp_path: Path, ddp_environment: None) -> None:
+def test_subprocess_ddp_run(
+    tmp_path: Path, ddp_environment: None, blob_store: Callable[..., str]
+) -> None:
     store_url = str(tmp_path / "cutouts.zarr")
-    _write_store(store_url)
+    blob_store(store_url)
 
     result = pretrain_in_subprocess(store_url, str(tmp_path / "run"), CONFIG, AUGMENT)
 
@@ -86,11 +65,13 @@ def test_subprocess_error_keeps_class(tmp_path: Path) -> None:
         pretrain_in_subprocess(str(tmp_path / "missing.zarr"), str(tmp_path), config, AUGMENT)
 
 
-def test_subprocess_crash_raises(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_subprocess_crash_raises(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, blob_store: Callable[..., str]
+) -> None:
     # An invalid rendezvous port fails inside torch.distributed with a ValueError, which is not
     # a LensMiner error, so the child exits with a traceback and no result.
     store_url = str(tmp_path / "cutouts.zarr")
-    _write_store(store_url)
+    blob_store(store_url)
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", "not-a-port")
 
