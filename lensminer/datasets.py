@@ -278,8 +278,11 @@ class CutoutBatches(IterableDataset):
         return sum(self._batches_per_worker(epoch))
 
     def rows_in_epoch(self, epoch: int) -> int:
-        """Return the number of rows drawn for ``epoch`` over all ranks, before batching."""
-        return len(self._epoch_rows(epoch))
+        """Return the number of rows drawn for ``epoch`` over all ranks, before batching.
+
+        Every epoch draws as many rows as the store has OK rows, with magnitude sampling too.
+        """
+        return int(self.ok_rows.size)
 
     def __len__(self) -> int:
         # The whole epoch, including skipped batches, because Lightning counts those as done.

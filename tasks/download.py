@@ -12,7 +12,7 @@ from lensminer.brick_download import cut_brick_shard, load_grid, prepare_brick_s
 from lensminer.config import BrickConfig, DownloadConfig, SurveyConfig
 from lensminer.download import download_cutouts, summarize_download
 from lensminer.targets import read_targets
-from lensminer.tasks._common import as_record
+from lensminer.tasks._common import as_record, retry_unless_permanent
 
 __all__ = [
     "cut_brick_shard_task",
@@ -24,7 +24,13 @@ __all__ = [
 
 # The cutout store is its own cache: finished shards are skipped on a rerun, so Prefect's result
 # cache is off and a retry resumes where the failed attempt stopped.
-@task(name="download-cutouts", retries=2, retry_delay_seconds=30, cache_policy=NO_CACHE)
+@task(
+    name="download-cutouts",
+    retries=2,
+    retry_delay_seconds=30,
+    retry_condition_fn=retry_unless_permanent,
+    cache_policy=NO_CACHE,
+)
 def download_task(
     targets_url: str,
     cutouts_url: str,
@@ -45,7 +51,13 @@ def download_task(
     return summary
 
 
-@task(name="plan-brick-download", retries=2, retry_delay_seconds=30, cache_policy=NO_CACHE)
+@task(
+    name="plan-brick-download",
+    retries=2,
+    retry_delay_seconds=30,
+    retry_condition_fn=retry_unless_permanent,
+    cache_policy=NO_CACHE,
+)
 def plan_brick_download_task(
     targets_url: str,
     cutouts_url: str,
@@ -75,7 +87,13 @@ def plan_brick_download_task(
 
 
 # Coadd reads over HTTP or object storage fail transiently; a retry recuts the whole shard.
-@task(name="cut-brick-shard", retries=3, retry_delay_seconds=[10, 60, 300], cache_policy=NO_CACHE)
+@task(
+    name="cut-brick-shard",
+    retries=3,
+    retry_delay_seconds=[10, 60, 300],
+    retry_condition_fn=retry_unless_permanent,
+    cache_policy=NO_CACHE,
+)
 def cut_brick_shard_task(
     shard_index: int,
     cutouts_url: str,

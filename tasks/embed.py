@@ -9,7 +9,7 @@ from prefect.cache_policies import NO_CACHE
 
 from lensminer.config import AugmentConfig, EmbedConfig
 from lensminer.embed import embed_shard, prepare_embedding_store, verify_embedding_store
-from lensminer.tasks._common import as_record
+from lensminer.tasks._common import as_record, retry_unless_permanent
 
 __all__ = ["embed_shard_task", "prepare_embeddings_task", "verify_embeddings_task"]
 
@@ -37,7 +37,13 @@ def prepare_embeddings_task(
 
 
 # Each shard's completion flag in the embedding store replaces Prefect's result cache.
-@task(name="embed-shard", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(
+    name="embed-shard",
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=retry_unless_permanent,
+    cache_policy=NO_CACHE,
+)
 def embed_shard_task(
     shard_index: int,
     cutouts_url: str,

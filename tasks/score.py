@@ -9,12 +9,17 @@ from prefect.cache_policies import NO_CACHE
 
 from lensminer.config import ScoreConfig
 from lensminer.score import score_embeddings
-from lensminer.tasks._common import as_record
+from lensminer.tasks._common import as_record, retry_unless_permanent
 
 __all__ = ["score_task"]
 
 
-@task(name="score-candidates", retries=1, cache_policy=NO_CACHE)
+@task(
+    name="score-candidates",
+    retries=1,
+    retry_condition_fn=retry_unless_permanent,
+    cache_policy=NO_CACHE,
+)
 def score_task(
     cutouts_url: str,
     embeddings_url: str,

@@ -9,11 +9,17 @@ from prefect.cache_policies import NO_CACHE
 
 from lensminer.config import SimilarityConfig
 from lensminer.similarity import build_index, find_similar
+from lensminer.tasks._common import retry_unless_permanent
 
 __all__ = ["build_index_task", "find_similar_task"]
 
 
-@task(name="build-similarity-index", retries=1, cache_policy=NO_CACHE)
+@task(
+    name="build-similarity-index",
+    retries=1,
+    retry_condition_fn=retry_unless_permanent,
+    cache_policy=NO_CACHE,
+)
 def build_index_task(
     embeddings_url: str,
     index_url: str,
