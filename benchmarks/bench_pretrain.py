@@ -14,8 +14,8 @@ three timings repeat in ``--rounds`` rounds, and each is the median over rounds.
 
 With ``--gz-decals FOLDER`` it then pretrains on the Galaxy Zoo DECaLS colour PNGs in FOLDER
 (``catalog.csv`` with ``png``, ``ring`` and ``*_fraction`` columns), resized to ``--gz-size`` px,
-once per seed in ``--seeds``. By default the store holds the uint8 RGB pixels, which get only the
-geometric and noise augmentations. With ``--gz-flux`` it holds g, r, z pseudo-fluxes from
+once per seed in ``--seeds``. By default the store contains the uint8 RGB pixels, which get only the
+geometric and noise augmentations. With ``--gz-flux`` it contains g, r, z pseudo-fluxes from
 inverting the viewer stretch (:func:`lensminer.rgb.viewer_rgb_inverse`), so training applies
 every physical augmentation, while the evaluation views (centre crop and stretch) reproduce the
 PNG pixels. The PNGs were not made with the viewer stretch, so these fluxes are not calibrated:

@@ -407,6 +407,8 @@ def pretrain(
     ckpt_path = (
         checkpoint_url if resume and storage.exists(checkpoint_url, storage_options) else None
     )
+    # The checkpoint is read once here and again by fit(), so that a mismatch fails before
+    # Lightning starts the other DDP processes.
     if ckpt_path:
         epochs_done = _check_resumable(ckpt_path, pretrain, augment, storage_options)
         if trainer.is_global_zero:
